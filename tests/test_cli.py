@@ -1,0 +1,69 @@
+"""The CLI as a user runs it: a real subprocess, exit codes, stdout data, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpool_cli.cli import main
+
+
+def tpool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "tpool_cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_profile_json_is_parseable():
+    proc = tpool("profile", "--model", "deit_tiny_patch16_224", "--op", "topk,grid", "--keep", "0.9,0.7", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    rows = payload["results"]
+    assert [(r["op"], r["keep"]) for r in rows] == [("none", 1.0), ("topk", 0.9), ("topk", 0.7), ("grid", 0.9), ("grid", 0.7)]
+    assert rows[0]["gmacs"] == pytest.approx(1.258, rel=1e-3)
+    assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:])
+    assert len(rows[1]["per_layer"]) == 12
+
+
+def test_profile_table_and_csv_output(tmp_path):
+    out = tmp_path / "profile.csv"
+    proc = tpool("profile", "--model", "deit_tiny_patch16_224", "--op", "random", "--tokens", "150,100,50", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "GMACs" in proc.stdout and "150" in proc.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("model,op,keep") and len(lines) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "not_a_model"], "unknown model"),
+        (["--op", "nope"], "unknown operator"),
+        (["--keep", "0"], "keep rate must be in (0, 1]"),
+        (["--keep", "1.5"], "keep rate must be in (0, 1]"),
+        (["--layers", "3,12"], "out of range"),
+        (["--weights", "/nonexistent/w.pth"], "weights file not found"),
+        (["--format", "xml"], "unknown format"),
+    ],
+)
+def test_bad_input_is_one_line_no_traceback(args, message, capsys):
+    argv = ["profile", *args] if "--model" in args else ["profile", "--model", "deit_tiny_patch16_224", *args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err
+
+
+def test_bad_input_in_a_real_process():
+    proc = tpool("profile", "--keep", "2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: keep rate must be in (0, 1], got 2"
+
+
+def test_module_and_help():
+    proc = tpool("--help")
+    assert proc.returncode == 0 and "profile" in proc.stdout

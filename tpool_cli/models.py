@@ -1,0 +1,130 @@
+"""Build timm ViT-family models and resolve their weights without ever hanging on a network.
+
+Weights come from, in order: ``weights`` (a local .safetensors/.pth, loaded through timm's own
+pretrained path so its checkpoint filters run; .pth with ``weights_only``), weights a package
+ships (the built-in demo model), or timm's usual resolution (local cache, then the hub). Before
+touching the hub we check in a few seconds whether it is reachable at all; if not, the hub client
+is switched to offline mode so only the local cache is tried, and a miss becomes one clear line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import timm
+import torch
+from torch import nn
+
+from .errors import TpoolError
+
+DEFAULT_MODEL = "deit_small_patch16_224"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+# Models whose weights ship inside a package: name -> function returning the weights file.
+SHIPPED_WEIGHTS: dict[str, Callable[[], Path]] = {}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with where its weights came from (for result rows)."""
+
+    model: nn.Module
+    name: str
+    weights: str  # file path, 'shipped:<path>', 'pretrained (timm cache/hub)' or 'random-init'
+    weights_sha256: Optional[str]
+    pretrained: bool
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a weights file, so results record exactly which weights produced them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    family = sorted(set(timm.list_models("*vit*") + timm.list_models("*deit*")))
+    close = [m for m in family if m.startswith(name)][:3] or difflib.get_close_matches(name, family, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models('*vit*')`"
+    raise TpoolError(f"unknown model {name!r}{hint}")
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all, decided in seconds (no retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _go_offline() -> None:
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    weights: Optional[str | Path] = None,
+    random_init: bool = False,
+    img_size: Optional[int] = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Create ``name`` in eval mode on ``device`` with weights resolved as the module docstring says."""
+    _check_model_name(name)
+    kwargs: dict[str, object] = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    sha = None
+    if weights is not None and random_init:
+        raise TpoolError("--weights and --random-init exclude each other")
+    if weights is None and not random_init and name in SHIPPED_WEIGHTS:
+        weights = SHIPPED_WEIGHTS[name]()
+    try:
+        if random_init:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            source = "random-init"
+        elif weights is not None:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise TpoolError(f"weights file not found: {path}")
+            if path.suffix not in WEIGHT_SUFFIXES:
+                raise TpoolError(f"weights must be one of {', '.join(WEIGHT_SUFFIXES)} files, got {path.name}")
+            sha = file_sha256(path)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            source = str(path)
+        else:
+            if not _hub_reachable():
+                _go_offline()
+            try:
+                model = timm.create_model(name, pretrained=True, **kwargs)
+            except Exception as exc:  # any failure to find weights is the user's to fix
+                raise TpoolError(
+                    f"no pretrained weights for {name} in the local cache and the hub is unreachable "
+                    f"({type(exc).__name__}); pass --weights PATH (a .safetensors or .pth file)"
+                ) from None
+            source = "pretrained (timm cache/hub)"
+    except TpoolError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TpoolError(f"could not load {name} with weights {weights}: {first[:300]}") from None
+    model.eval().to(device)
+    return LoadedModel(model=model, name=name, weights=source, weights_sha256=sha, pretrained=not random_init)

@@ -1,0 +1,48 @@
+"""Tensor helpers shared by several operators (pure functions)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: B x N x C, index: B x K -> B x K x C (timm patch_dropout style expanded gather)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def keep_by_score(
+    x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, k: int, track: bool
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Keep the k highest-scoring tokens, in their original order (so a grid stays ordered).
+
+    Returns (tokens B x K x C, sizes B x K, assignment B x N or None). Dropped tokens get -1.
+    """
+    index = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    assignment = None
+    if track:
+        assignment = torch.full(scores.shape, -1, dtype=torch.long, device=x.device)
+        rank = torch.arange(k, device=x.device).expand(x.shape[0], k)
+        assignment.scatter_(1, index, rank)
+    return gather_tokens(x, index), torch.gather(sizes, 1, index), assignment
+
+
+def pool_by_assignment(
+    x: torch.Tensor, sizes: torch.Tensor, assignment: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean of the tokens assigned to each of k groups.
+
+    x: B x N x C, sizes: B x N, assignment: B x N in [0, k). ``weights`` (B x N) replaces the sizes
+    as averaging weights when given (e.g. attention-weighted fusion); the output sizes are always
+    the summed input sizes, so they keep counting original patches. A group with zero total
+    weight yields a zero token (callers avoid empty groups). Accumulates in float32.
+    """
+    b, n, c = x.shape
+    w = (sizes if weights is None else weights).float()
+    out = torch.zeros(b, k, c, device=x.device, dtype=torch.float32)
+    out.scatter_add_(1, assignment.unsqueeze(-1).expand(b, n, c), x.float() * w.unsqueeze(-1))
+    new_sizes = torch.zeros(b, k, device=x.device, dtype=torch.float32).scatter_add_(1, assignment, sizes.float())
+    wsum = new_sizes if weights is None else torch.zeros_like(new_sizes).scatter_add_(1, assignment, w)
+    tokens = out / wsum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    return tokens.to(x.dtype), new_sizes

@@ -1,0 +1,62 @@
+"""Pruning baselines: keep K tokens, drop the rest (no averaging, sizes of kept tokens unchanged)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from .base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction, TokenOperator
+from .common import keep_by_score
+
+
+@dataclass(frozen=True)
+class NoReduction(TokenOperator):
+    """The baseline: never reduces, whatever the schedule says."""
+
+    name = "none"
+    summary = "baseline, no token reduction"
+
+    def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
+        return n
+
+    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:  # never called
+        return Reduction(x, ctx.sizes)
+
+
+@dataclass(frozen=True)
+class TopK(TokenOperator):
+    """Score-based pruning: keep the K tokens with the highest attention score.
+
+    ``score="cls"`` (default, as EViT and DynamicViT's baseline): attention from the class token,
+    mean over heads; needs only the class-token row of the attention, so the block keeps fused
+    attention. ``score="received"`` (PoWER-BERT significance): attention each token receives,
+    summed over heads and all queries; needs the full attention matrix in reducing blocks.
+    """
+
+    name = "topk"
+    summary = "keep the K tokens with the highest attention (class-token or received)"
+    score: Literal["cls", "received"] = "cls"
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({CLS_ATTN if self.score == "cls" else SIGNIFICANCE})
+
+    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
+        scores = ctx.cls_attn if self.score == "cls" else ctx.significance
+        assert scores is not None
+        tokens, sizes, assignment = keep_by_score(x, ctx.sizes, scores, k, ctx.track)
+        return Reduction(tokens, sizes, assignment)
+
+
+@dataclass(frozen=True)
+class RandomSelect(TokenOperator):
+    """Keep K tokens chosen uniformly at random (seeded: the patch's generator, ``--seed``)."""
+
+    name = "random"
+    summary = "keep K tokens chosen uniformly at random (seeded)"
+
+    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
+        scores = torch.rand(x.shape[:2], generator=ctx.generator, device=x.device)
+        tokens, sizes, assignment = keep_by_score(x, ctx.sizes, scores, k, ctx.track)
+        return Reduction(tokens, sizes, assignment)
