@@ -23,7 +23,8 @@ from torch import nn
 from .attention import attention_with_features
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
-from .ops.base import ReduceContext
+from .ops.base import SIGNIFICANCE, ReduceContext
+from .recon import reconstruction_error
 from .schedule import Schedule
 
 
@@ -35,6 +36,7 @@ class ReductionState:
     initial_grid: Optional[tuple[int, int]]
     prop_attn: bool = False
     track: bool = False  # keep a source map (which original patch each token stands for)
+    diagnose: bool = False  # record the reconstruction error of every reduction (see recon.py)
     seed: int = 0
     n0: int = 0
     sizes: Optional[torch.Tensor] = None  # B x N float32, None until the first reduction
@@ -42,6 +44,7 @@ class ReductionState:
     source: Optional[torch.Tensor] = None  # B x N0 long: current token of each original patch, -1 = dropped
     counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # block -> (patch tokens in, out)
     history: list[torch.Tensor] = field(default_factory=list)  # source map after each reduction (track only)
+    diagnostics: list[dict] = field(default_factory=list)  # per reduction: layer, tokens, errors (diagnose only)
     _generators: dict[str, torch.Generator] = field(default_factory=dict)
 
     def begin(self, x: torch.Tensor) -> None:
@@ -52,6 +55,7 @@ class ReductionState:
         self.grid = self.initial_grid if self.initial_grid and self.initial_grid[0] * self.initial_grid[1] == self.n0 else None
         self.counts = {}
         self.history = []
+        self.diagnostics = []
 
     def generator(self, device: torch.device) -> torch.Generator:
         """A seeded generator per device, created once per patch: random selection is reproducible."""
@@ -64,10 +68,11 @@ class ReductionState:
 class Reducer(nn.Module):
     """Applies the operator to the patch tokens. A module of its own so FLOP counts name it."""
 
-    def __init__(self, operator: TokenOperator, state: ReductionState) -> None:
+    def __init__(self, operator: TokenOperator, state: ReductionState, index: int) -> None:
         super().__init__()
         self.operator = operator
         self.state = state
+        self.index = index
 
     def forward(self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor]) -> torch.Tensor:
         st = self.state
@@ -89,6 +94,16 @@ class Reducer(nn.Module):
             source = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
             st.source = torch.where(source >= 0, out.assignment.gather(1, source.clamp_min(0)), source)
             st.history.append(st.source)
+        if st.diagnose:
+            st.diagnostics.append(
+                {
+                    "layer": self.index,
+                    "tokens_in": n,
+                    "tokens_out": k,
+                    "recon": reconstruction_error(patches, out.tokens, sizes),
+                    "recon_weighted": reconstruction_error(patches, out.tokens, sizes, features[SIGNIFICANCE]),
+                }
+            )
         return torch.cat([prefix, out.tokens], dim=1)
 
 
@@ -129,6 +144,8 @@ class ReducingBlock(nn.Module):
             ones = torch.zeros(x.shape[0], st.num_prefix, device=x.device)
             bias = torch.cat([ones, st.sizes.log()], dim=1)[:, None, None, :]
         needs = self.reducer.operator.needs() if k < n else frozenset()
+        if k < n and st.diagnose:
+            needs = needs | {SIGNIFICANCE}
         attn_out, features = attention_with_features(blk.attn, blk.norm1(x), bias, needs, st.num_prefix)
         x = x + blk.drop_path1(blk.ls1(attn_out))
         if k < n:
@@ -166,6 +183,7 @@ def patch(
     schedule: Optional[Schedule] = None,
     prop_attn: bool = False,
     track: bool = False,
+    diagnose: bool = False,
     seed: int = 0,
     **op_options: object,
 ) -> nn.Module:
@@ -175,7 +193,9 @@ def patch(
     :class:`Schedule`. ``prop_attn`` adds log(size) to attention logits after the first
     reduction (ToMe's proportional attention); ``track`` keeps a source map of which original
     patches each token stands for (``model.tpool_state.source``), off by default because it costs
-    a gather per reduction. Returns the model, for chaining.
+    a gather per reduction. ``diagnose`` records the reconstruction error of every reduction in
+    ``model.tpool_state.diagnostics`` (it computes the significance scores for the weighted error,
+    so it changes nothing the operator sees but costs an explicit attention). Returns the model.
     """
     _check_supported(model)
     unpatch(model)
@@ -186,12 +206,12 @@ def patch(
     grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "grid_size") else None
     num_patches = grid[0] * grid[1] if grid else model.patch_embed.num_patches
     targets = schedule.targets(depth, num_patches)
-    state = ReductionState(num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, seed=seed)
-    reducer = Reducer(operator, state)
+    state = ReductionState(
+        num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed
+    )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer
-        block_reducer = reducer if i == 0 else Reducer(operator, state)
-        model.blocks[i] = ReducingBlock(model.blocks[i], i, targets.get(i), block_reducer)
+        model.blocks[i] = ReducingBlock(model.blocks[i], i, targets.get(i), Reducer(operator, state, i))
     model.tpool_state = state
     model.tpool_schedule = schedule
     model.tpool_operator = operator

@@ -46,3 +46,14 @@ def pool_by_assignment(
     wsum = new_sizes if weights is None else torch.zeros_like(new_sizes).scatter_add_(1, assignment, w)
     tokens = out / wsum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return tokens.to(x.dtype), new_sizes
+
+
+def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||x_i - y_k||^2 for x: B x N x C, y: B x K x C -> B x N x K, as one matmul in float32.
+
+    Uses ||x||^2 + ||y||^2 - 2 x.y (K x N x C MACs, no B x N x K x C intermediate), clamped at 0
+    against rounding.
+    """
+    x32, y32 = x.float(), y.float()
+    d = (x32 * x32).sum(-1, keepdim=True) + (y32 * y32).sum(-1).unsqueeze(1) - 2.0 * (x32 @ y32.transpose(1, 2))
+    return d.clamp_min_(0.0)
