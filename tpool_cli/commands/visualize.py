@@ -1,0 +1,94 @@
+"""`tpool visualize`: figures of which image regions each operator keeps, pools or merges."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..cli import app
+from ..cli_options import (
+    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutDirOpt, PropAttnOpt,
+    RandomInitOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
+)
+from ..errors import TpoolError
+from ..output import stderr
+
+
+@app.command()
+def visualize(
+    images: Annotated[Optional[list[Path]], typer.Argument(metavar="IMAGE", help="Image files (any format PIL reads).", show_default=False)] = None,
+    model: ModelOpt = "deit_small_patch16_224",
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    op: OpsOpt = "all",
+    keep: KeepOpt = None,
+    layers: LayersOpt = None,
+    tokens: TokensOpt = None,
+    img_size: ImgSizeOpt = None,
+    prop_attn: PropAttnOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random operator and of --random-init weights.")] = 0,
+    score: ScoreOpt = None,
+    iters: ItersOpt = None,
+    init: InitOpt = None,
+    features: FeaturesOpt = None,
+    out: OutDirOpt = Path("tpool-visualize"),
+    grid: Annotated[bool, typer.Option("--grid", help="One figure per image: a row per operator, a column per layer.")] = False,
+    svg: Annotated[bool, typer.Option("--svg", help="Write SVG instead of PNG.")] = False,
+    colours: Annotated[str, typer.Option("--colors", "--colours", help="Fill of merged groups: mean (mean image colour) or palette.")] = "mean",
+    dpi: Annotated[int, typer.Option("--dpi", help="PNG resolution (dots per inch; a panel is 2.5 in wide).")] = 100,
+    compact: Annotated[bool, typer.Option("--compact", help="256-colour PNG, 2-3x smaller (for docs and reports).")] = False,
+) -> None:
+    """Draw, per reduction layer, which patches each token stands for (merged, kept or pruned).
+
+    `--ops all` (default) draws every registered operator except `none`. Prints the written files.
+    """
+    from ..models import load_model
+    from ..ops import make_operator, operator_names
+    from ..schedule import Schedule
+    from ..visualize import COLOUR_MODES, preprocess, read_images, visualize as draw
+
+    if not images:
+        raise TpoolError("give one or more IMAGE files to draw (there are no built-in demo images yet)")
+    names = [name for name in operator_names() if name != "none"] if op.strip() == "all" else split_names(op)
+    if not names:
+        raise TpoolError("--ops is empty")
+    operators = [make_operator(name, **op_options(score=score, iters=iters, init=init, features=features)) for name in names]
+    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens, default_keep=0.5)
+    if keeps is not None and len(keeps) > 1:
+        raise TpoolError(f"visualize draws one schedule: give one --keep rate, got {len(keeps)}")
+    schedule = Schedule(keep=keeps[0] if keeps else None, layers=layer_list, tokens=token_list)
+    if colours not in COLOUR_MODES:
+        raise TpoolError(f"--colors must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
+    if not 10 <= dpi <= 600:
+        raise TpoolError(f"--dpi must be between 10 and 600, got {dpi}")
+    pictures = read_images(images)  # bad paths fail before the model is built
+    if random_init:
+        import torch
+
+        torch.manual_seed(seed)  # random-init weights come from the global generator: same seed, same figure
+    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
+    batch, config = preprocess(pictures, loaded.model)
+    stderr.print(f"[dim]{model} ({loaded.weights}): {len(images)} image(s) x {len(names)} operator(s)[/dim]")
+    weights_label = "random init" if random_init else f"weights: {Path(loaded.weights).name if loaded.weights_sha256 else loaded.weights}"
+    written = draw(
+        loaded.model,
+        batch,
+        [path.name for path in images],
+        operators,
+        out,
+        schedule=schedule,
+        grid=grid,
+        fmt="svg" if svg else "png",
+        colours=colours,  # type: ignore[arg-type]
+        caption=f"{model} ({weights_label}) · {schedule.describe(len(loaded.model.blocks))}",
+        mean=config["mean"],
+        std=config["std"],
+        prop_attn=prop_attn,
+        seed=seed,
+        dpi=dpi,
+        compact=compact,
+    )
+    sys.stdout.write("".join(f"{path}\n" for path in written))
