@@ -104,7 +104,11 @@ def _load_image_folder(model: nn.Module, folder: Path, limit: int) -> torch.Tens
 
     if limit < 1:
         raise TpoolError(f"--limit must be >= 1, got {limit}")
-    transform = create_transform(**resolve_data_config({}, model=model))
+    config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # a model built at another resolution keeps its pretrained_cfg's input_size
+        config["input_size"] = (3, *img_size)
+    transform = create_transform(**config)
     batch = []
     for path in _image_paths(folder, limit):
         try:
