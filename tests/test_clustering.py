@@ -299,14 +299,14 @@ def test_autocast_does_not_lower_distance_precision(name):
 
 
 def kmeans_macs(n, k, c, iters):
-    """Per image, one reduction: per iteration ||f||^2 (N·C) + ||y||^2 (K·C) + distance matmul (N·K·C),
-    then the pooling scatter-adds: tokens (N·C) and weights (N)."""
-    return iters * (n * k * c + n * c + k * c + n * c + n)
+    """Per image, one reduction: per iteration ||y||^2 (K·C) + the distance matmul (N·K·C), then the
+    pooling: token sums (N·C) and weight sums (N)."""
+    return iters * (n * k * c + k * c + n * c + n)
 
 
 def kmedoids_macs(n, k, c, iters):
-    """As K-Means, plus ||f_i - mu_a(i)||^2 (N·C) per iteration and the final sizes scatter-add (N)."""
-    return iters * (n * k * c + n * c + k * c + n * c + n + n * c) + n
+    """As K-Means, plus ||f_i - mu_a(i)||^2 (N·C) per iteration and the final sizes sum (N)."""
+    return iters * (n * k * c + k * c + n * c + n + n * c) + n
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ greedy farthest-point sampling.
 Every step is batched over images and clusters (argmin, scatter-add, scatter-amin); the only
 Python loop is over the few iterations (and over the K seeds of the farthest-point init, which is
 sequential by nature). Nothing reads a tensor value on the host, so the forward can be captured by
-torch.compile / CUDA graphs. Distances are computed in float32 with autocast disabled: in bf16 the
-matmul form ||x||^2 + ||y||^2 - 2 x.y loses the small differences between tokens that share a
-large common component, and assignments would turn into noise.
+torch.compile / CUDA graphs. Features are centred per image first (distances are translation
+invariant) and distances are computed in float32 with autocast disabled: the matmul form
+||y||^2 - 2 x.y would otherwise lose the small differences between tokens that share a large
+common component, and bf16 assignments would turn into noise.
 
 Empty clusters (no member with positive weight; with distinct seeds this needs ties or a center
 that lost all its members) keep their previous center, deterministically. The output token of a
@@ -91,8 +92,14 @@ def farthest_init(f: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def assign(f: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Nearest center of every token (B x N long); ties go to the lowest center index."""
-    return squared_distances(f, centers).argmin(dim=-1)
+    """Nearest center of every token (B x N long); ties go to the lowest center index.
+
+    argmin_k ||f_i - y_k||^2 = argmin_k (||y_k||^2 - 2 f_i.y_k): ||f_i||^2 is the same for every k,
+    so one fused baddbmm (K x N x D MACs) gives the scores, with no clamp or extra N x K passes.
+    """
+    f, centers = f.float(), centers.float()
+    y_sq = torch.linalg.vecdot(centers, centers).unsqueeze(1)  # B x 1 x K
+    return torch.baddbmm(y_sq, f, centers.transpose(1, 2), alpha=-2.0).argmin(dim=-1)
 
 
 def objective(f: torch.Tensor, w: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -203,7 +210,10 @@ class _Clustering(TokenOperator):
     def _pool(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         source = ctx.keys if self.features == "keys" else x
         assert source is not None, f"{self.name} needs the block's keys"
-        f = source.float()
+        # Distances do not change under translation: centring removes the component all tokens share
+        # (large in ViTs), so the matmul form ||y||^2 - 2 f.y does not cancel away the differences.
+        offset = source.float().mean(dim=1, keepdim=True)
+        f = source.float() - offset
         if self.weighted or self.init == "significance":
             assert ctx.significance is not None, f"{self.name} needs significance scores"
         w = clustering_weights(ctx.sizes, ctx.significance if self.weighted else None)
@@ -216,7 +226,7 @@ class _Clustering(TokenOperator):
         else:
             a, centers, wsum = kmeans(f, w, seeds, self.iters)
             if self.features == "tokens":
-                tokens = centers.to(x.dtype)
+                tokens = (centers + offset).to(x.dtype)
                 sizes = wsum if not self.weighted else summed_sizes(ctx.sizes, a, k)
             else:
                 pooled, sizes = pool_by_assignment(x, ctx.sizes, a, k, weights=w if self.weighted else None)
