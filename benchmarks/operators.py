@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--keep", type=float, default=0.7)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--features", default=None, choices=["tokens", "keys"], help="clustering features (default: tokens)")
+    parser.add_argument("--init", default=None, choices=["significance", "farthest"], help="clustering seeds (default: significance)")
     parser.add_argument("--ops", default=",".join(n for n in operator_names() if n != "none"))
     parser.add_argument("--amp", default=None, choices=["bf16", "none"], help="default: bf16 on cuda, none on cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on cpu, 50 on cuda)")
@@ -106,7 +108,7 @@ def main() -> None:
     candidates["attention (fused)"] = fused
     ideal = reducing_block(block, FreeReduction(), k, grid)
     candidates["ideal"] = lambda: ideal(x)
-    ops = [make_operator(name, iters=args.iters) for name in args.ops.split(",") if name]
+    ops = [make_operator(name, iters=args.iters, features=args.features, init=args.init) for name in args.ops.split(",") if name]
     realised = {}
     for op in ops:
         needs = op.needs()

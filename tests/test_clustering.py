@@ -331,3 +331,13 @@ def test_operator_gmacs_match_the_formula(deit_tiny, name, formula, iters):
     # the distance matmuls dominate: K·N·C per iteration
     assert reducing[0].operator > iters * 196 * 137 * 192 * 1e-9
     assert math.isclose(sum(layer.operator for layer in report.layers), sum(layer.operator for layer in reducing))
+
+
+def test_farthest_init_adds_the_pairwise_distances_once(deit_tiny):
+    patch(deit_tiny, "kmeans", keep=0.7, init="farthest", iters=2)
+    report = count_flops(deit_tiny)
+    for layer in (layer for layer in report.layers if layer.tokens_out < layer.tokens_in):
+        n, k, c = layer.tokens_in, layer.tokens_out, 192
+        # weighted mean (N·C), its distances (2·N·C + C), the pairwise distances (N·N·C + 2·N·C)
+        expected = kmeans_macs(n, k, c, 2) + n * n * c + 5 * n * c + c
+        assert layer.operator == pytest.approx(expected * 1e-9, rel=1e-9)

@@ -194,3 +194,26 @@ def test_every_operator_compiles_as_one_graph(op):
     if op != "random":  # random draws differ between calls
         for g_out, want in zip(got, reduce(x, sizes, **features)):
             assert torch.equal(g_out, want)
+
+
+# ---------------------------------------------------------------- FLOPs: the operators' own cost is counted
+
+
+def test_tome_and_evit_gmacs_match_their_formulas():
+    import timm
+
+    from tpool_cli.flops import count_flops
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()  # C = 192, keys D = 64
+    c, d = 192, 64
+    patch(model, "tome", keep=0.7)
+    for layer in count_flops(model).layers:
+        n = layer.tokens_in
+        # unit keys (N·D), A x B similarity matmul, size-weighted pooling (N·C + N)
+        expected = n * d + ((n + 1) // 2) * (n // 2) * d + n * c + n if layer.tokens_out < n else 0
+        assert layer.operator == pytest.approx(expected * 1e-9, rel=1e-9, abs=1e-15)
+    patch(model, "evit", keep=0.7)
+    for layer in count_flops(model).layers:
+        # the fused token: attention-weighted sum over N tokens (the class-attention row is in the attention column)
+        expected = layer.tokens_in * c if layer.tokens_out < layer.tokens_in else 0
+        assert layer.operator == pytest.approx(expected * 1e-9, rel=1e-9, abs=1e-15)

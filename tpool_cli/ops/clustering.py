@@ -75,19 +75,23 @@ def farthest_init(f: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
 
     The first seed is the token nearest to the weighted mean (the best single center); each next
     seed is the token contributing most to the current objective, argmax_i w_i * min_s ||f_i - f_s||^2
-    (plain farthest-point sampling when the weights are equal). Sequential: K steps of O(N * D),
-    batched over images. Ties go to the lowest index.
+    (plain farthest-point sampling when the weights are equal). Sequential by nature: the pairwise
+    distances are computed once (N x N x D MACs, one matmul) so that each of the K steps is only a
+    row lookup, a minimum and an argmax over B x N. Ties go to the lowest index.
     """
+    b, n, _ = f.shape
     wsum = w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     mean = (w.unsqueeze(1) @ f) / wsum.unsqueeze(-1)  # B x 1 x D
     first = squared_distances(f, mean).squeeze(-1).argmin(dim=1)
+    rows = squared_distances(f, f).reshape(b * n, n)  # row i*n + j: distances of token j of image i
+    offsets = torch.arange(b, device=f.device) * n
     seeds = [first]
-    nearest = squared_distances(f, gather_tokens(f, first.unsqueeze(1))).squeeze(-1)
+    gain = w * rows.index_select(0, first + offsets)  # w_i * min_s ||f_i - f_s||^2, B x N
     for step in range(1, k):
-        nxt = (w * nearest).argmax(dim=1)
+        nxt = gain.argmax(dim=1)
         seeds.append(nxt)
         if step < k - 1:
-            nearest = torch.minimum(nearest, squared_distances(f, gather_tokens(f, nxt.unsqueeze(1))).squeeze(-1))
+            gain = torch.minimum(gain, w * rows.index_select(0, nxt + offsets))
     return torch.stack(seeds, dim=1).sort(dim=1).values
 
 
