@@ -65,6 +65,11 @@ def recon(
         raise TpoolError("no reducing operator given (--op none reduces nothing)")
     if data is None:  # fail before loading a model
         raise TpoolError("tpool recon needs images for now: pass --data DIR (a folder of images, searched at any depth)")
+    if not data.expanduser().is_dir():
+        raise TpoolError(f"--data must be a folder of images, not found: {data}")
+    import torch
+
+    torch.manual_seed(seed)  # --random-init weights are then reproducible too
     loaded = load_model(model, weights=weights, random_init=random_init, device=_device(device))
     stderr.print(f"[dim]{model} ({loaded.weights}): {len(configs)} configuration(s) on up to {limit} image(s) from {data}[/dim]")
     rows = reconstruction_on_folder(
