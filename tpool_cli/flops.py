@@ -5,7 +5,9 @@ every number here is in MACs and labelled GMACs. fvcore misses two things we add
 
 * ``aten::scaled_dot_product_attention`` (timm's fused attention), which it would count as zero:
   QK^T + AV = B*H*Nq*Nk*(Dqk + Dv) MACs;
-* the scatter-adds operators use to pool tokens (one add per source element), and ``cdist``.
+* the scatter-adds operators use to pool tokens (one add per source element), ``cdist``, and
+  ``linalg_vecdot`` (row-wise dot products: squared norms, K-Medoids costs) and ``baddbmm`` (the
+  fused distance matmul of the clustering assignment step).
 
 Elementwise ops (residual adds, GELU, softmax...) stay uncounted, as in fvcore and the papers;
 every op that was not counted is listed by name in the report so nothing is missed silently.
@@ -43,6 +45,16 @@ def _cdist_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(x1) * x2[-2]
 
 
+def _baddbmm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    # baddbmm(input, batch1, batch2): the batched matmul (the scaled add of input is elementwise)
+    return math.prod(get_shape(inputs[1])) * get_shape(inputs[2])[-1]
+
+
+def _vecdot_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    # linalg_vecdot(x, y): one multiply-add per element of the broadcast inputs
+    return math.prod(torch.broadcast_shapes(tuple(get_shape(inputs[0])), tuple(get_shape(inputs[1]))))
+
+
 EXTRA_HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_macs,
     "aten::scatter_add": _source_numel_macs,
@@ -51,6 +63,8 @@ EXTRA_HANDLES = {
     "aten::index_add_": _source_numel_macs,
     "aten::_cdist_forward": _cdist_macs,
     "aten::cdist": _cdist_macs,
+    "aten::linalg_vecdot": _vecdot_macs,
+    "aten::baddbmm": _baddbmm_macs,
 }
 
 

@@ -12,12 +12,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ..errors import TpoolError
 from .base import FEATURES, ReduceContext, Reduction, TokenOperator
+from .clustering import KMeans, KMedoids, WeightedKMeans, WeightedKMedoids
+from .evit import EViT
 from .grid import GridPool
 from .pruning import NoReduction, RandomSelect, TopK
+from .tome import ToMe
 
 _OPERATORS: dict[str, type[TokenOperator]] = {
     cls.name: cls
-    for cls in (NoReduction, TopK, RandomSelect, GridPool)
+    for cls in (NoReduction, TopK, RandomSelect, GridPool, KMeans, KMedoids, WeightedKMeans, WeightedKMedoids, ToMe, EViT)
 }
 
 

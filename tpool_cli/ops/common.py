@@ -7,9 +7,20 @@ from typing import Optional
 import torch
 
 
+def flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-image row indices (B x K into N rows each) -> indices into the B*N rows of a flattened batch."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * n
+    return (index + offsets).reshape(-1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: B x N x C, index: B x K -> B x K x C (timm patch_dropout style expanded gather)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x: B x N x C, index: B x K -> B x K x C.
+
+    One ``index_select`` of whole rows on the flattened batch: several times faster than a
+    ``gather`` with an index expanded over C (on CPU above all), same result.
+    """
+    b, n, c = x.shape
+    return x.reshape(b * n, c).index_select(0, flat_rows(index, n)).view(b, index.shape[1], c)
 
 
 def keep_by_score(
@@ -40,8 +51,10 @@ def pool_by_assignment(
     """
     b, n, c = x.shape
     w = (sizes if weights is None else weights).float()
-    out = torch.zeros(b, k, c, device=x.device, dtype=torch.float32)
-    out.scatter_add_(1, assignment.unsqueeze(-1).expand(b, n, c), x.float() * w.unsqueeze(-1))
+    # whole-row index_add_ on the flattened batch (a scatter_add_ with an index expanded over C is ~4x slower on CPU)
+    out = torch.zeros(b * k, c, device=x.device, dtype=torch.float32)
+    out.index_add_(0, flat_rows(assignment, k), (x.float() * w.unsqueeze(-1)).reshape(b * n, c))
+    out = out.view(b, k, c)
     new_sizes = torch.zeros(b, k, device=x.device, dtype=torch.float32).scatter_add_(1, assignment, sizes.float())
     wsum = new_sizes if weights is None else torch.zeros_like(new_sizes).scatter_add_(1, assignment, w)
     tokens = out / wsum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
@@ -55,5 +68,7 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     against rounding.
     """
     x32, y32 = x.float(), y.float()
-    d = (x32 * x32).sum(-1, keepdim=True) + (y32 * y32).sum(-1).unsqueeze(1) - 2.0 * (x32 @ y32.transpose(1, 2))
+    # squared norms as row-wise dot products: one fused op, counted by the FLOP handles (flops.py)
+    x_sq, y_sq = torch.linalg.vecdot(x32, x32), torch.linalg.vecdot(y32, y32)
+    d = x_sq.unsqueeze(-1) + y_sq.unsqueeze(1) - 2.0 * (x32 @ y32.transpose(1, 2))
     return d.clamp_min_(0.0)

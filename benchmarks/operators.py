@@ -1,0 +1,158 @@
+"""What each token-reduction operator costs next to the transformer block it sits in.
+
+One DeiT-S-shaped block (width 384, 6 heads, 197 tokens = class + 14 x 14 patches), one reduction
+at keep 0.7 (196 -> 137 patch tokens), clustering with 5 iterations. Measured in one run, interleaved
+(every repeat times every candidate once), medians reported as ratios to the plain block:
+
+* ``op / block``: the operator's ``reduce`` alone (features already computed);
+* ``features / block``: what computing the features the operator reads costs on top of fused
+  attention (explicit attention for significance, the class-attention row, keys);
+* ``reducing block / block``: the whole patched block (attention + features + operator + MLP on the
+  kept tokens), the number that matters; ``ideal`` is the same block with a free reduction (the
+  first K tokens, fused attention), the ceiling an operator can reach.
+
+    python benchmarks/operators.py --device cpu --batch 8          # quick CPU run (--threads 1 on a busy machine)
+    python benchmarks/operators.py --device cuda --batch 256        # GPU, bf16 autocast by default
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
+
+from tpool_cli.attention import attention_with_features  # noqa: E402
+from tpool_cli.ops import make_operator, operator_names  # noqa: E402
+from tpool_cli.ops.base import FEATURES, ReduceContext, Reduction, TokenOperator  # noqa: E402
+from tpool_cli.patch import Reducer, ReducingBlock, ReductionState  # noqa: E402
+
+
+@dataclass(frozen=True)
+class FreeReduction(TokenOperator):
+    """The ceiling: keep the first K tokens, read nothing (benchmark only, not registered)."""
+
+    name = "ideal"
+
+    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
+        return Reduction(x[:, :k], ctx.sizes[:, :k])
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def measure(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return measure
+
+
+def reducing_block(block: torch.nn.Module, operator: TokenOperator, k: int, grid: tuple[int, int]) -> ReducingBlock:
+    """The patch mechanism's own block wrapper, reducing to k patch tokens (index 0: state reset every call)."""
+    state = ReductionState(num_prefix=1, initial_grid=grid)
+    return ReducingBlock(block, 0, k, Reducer(operator, state, 0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--features", default=None, choices=["tokens", "keys"], help="clustering features (default: tokens)")
+    parser.add_argument("--init", default=None, choices=["significance", "farthest"], help="clustering seeds (default: significance)")
+    parser.add_argument("--ops", default=",".join(n for n in operator_names() if n != "none"))
+    parser.add_argument("--amp", default=None, choices=["bf16", "none"], help="default: bf16 on cuda, none on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on cpu, 50 on cuda)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives stable numbers on a loaded machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    repeats = args.repeats or (50 if device.type == "cuda" else 10)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+    torch.manual_seed(0)
+    width, heads, grid = 384, 6, (14, 14)
+    n = grid[0] * grid[1]
+    k = max(1, math.floor(n * args.keep + 1e-9))
+    block = Block(dim=width, num_heads=heads, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
+    x = torch.randn(args.batch, n + 1, width, device=device)
+    patches = x[:, 1:].contiguous()
+
+    with torch.no_grad(), autocast:
+        _, all_features = attention_with_features(block.attn, block.norm1(x), None, frozenset(FEATURES), 1)
+    sizes = torch.ones(args.batch, n, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    candidates: dict[str, Callable[[], object]] = {"block": lambda: block(x)}
+    fused = lambda: attention_with_features(block.attn, block.norm1(x), None, frozenset(), 1)  # noqa: E731
+    candidates["attention (fused)"] = fused
+    ideal = reducing_block(block, FreeReduction(), k, grid)
+    candidates["ideal"] = lambda: ideal(x)
+    ops = [make_operator(name, iters=args.iters, features=args.features, init=args.init) for name in args.ops.split(",") if name]
+    realised = {}
+    for op in ops:
+        needs = op.needs()
+        ctx = ReduceContext(sizes=sizes, grid=grid, generator=generator, **{f: all_features[f] for f in needs})
+        realised[op.name] = op.realise(n, k, grid)
+        candidates[f"{op.name}: op"] = (lambda op=op, ctx=ctx, kk=realised[op.name]: op.reduce(patches, kk, ctx))
+        candidates[f"{op.name}: attention + features"] = (
+            lambda needs=needs: attention_with_features(block.attn, block.norm1(x), None, needs, 1)
+        )
+        wrapped = reducing_block(block, op, k, grid)
+        candidates[f"{op.name}: reducing block"] = (lambda wrapped=wrapped: wrapped(x))
+
+    measure = timer(device)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad(), autocast:
+        for _ in range(args.warmup):
+            for fn in candidates.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                times[name].append(measure(fn))
+    med = {name: statistics.median(values) for name, values in times.items()}
+    blk = med["block"]
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"# Operators vs one DeiT-S block ({args.batch} x {n + 1} tokens x {width}), keep {args.keep:g} ({n} -> {k} patch tokens), iters {args.iters}")
+    print()
+    print(
+        f"device: {gpu or platform.processor() or 'cpu'} ({device.type}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, amp {amp}, median of {repeats} interleaved repeats"
+    )
+    print(f"block: {blk * 1e3:.2f} ms; ideal reducing block (free reduction): {med['ideal'] * 1e3:.2f} ms = {med['ideal'] / blk:.3f} of the block")
+    print()
+    print("| op | K | op ms | op / block | features / block | reducing block / block | reducing block / ideal |")
+    print("|---|---|---|---|---|---|---|")
+    for op in ops:
+        features = max(0.0, med[f"{op.name}: attention + features"] - med["attention (fused)"])
+        whole = med[f"{op.name}: reducing block"]
+        print(
+            f"| {op.label()} | {realised[op.name]} | {med[f'{op.name}: op'] * 1e3:.2f} | {med[f'{op.name}: op'] / blk:.3f} "
+            f"| {features / blk:.3f} | {whole / blk:.3f} | {whole / med['ideal']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,88 @@
+"""`tpool recon`: the reconstruction error each operator leaves per reducing layer, on real images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..cli import app
+from ..cli_options import (
+    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
+    OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
+    parse_schedule_args, split_names,
+)
+from ..errors import TpoolError
+from ..output import check_format, emit, make_table, stderr
+
+DEFAULT_OPS = "kmeans,kmedoids,wkmeans,wkmedoids,tome,evit,topk,random,grid"
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise TpoolError(f"--device must be auto, cuda or cpu, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TpoolError("--device cuda: no CUDA device is available")
+    return name
+
+
+@app.command()
+def recon(
+    model: ModelOpt = "deit_small_patch16_224",
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    op: OpsOpt = DEFAULT_OPS,
+    keep: KeepOpt = None,
+    layers: LayersOpt = None,
+    tokens: TokensOpt = None,
+    prop_attn: PropAttnOpt = False,
+    seed: SeedOpt = 0,
+    score: ScoreOpt = None,
+    iters: ItersOpt = None,
+    init: InitOpt = None,
+    features: FeaturesOpt = None,
+    data: DataOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Use the first N images (sorted paths).")] = 16,
+    batch_size: BatchSizeOpt = 16,
+    device: DeviceOpt = "auto",
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Reconstruction error (Token Pooling's objective) per reducing layer, per operator, on images."""
+    from ..diagnose import reconstruction_on_folder
+    from ..models import load_model
+    from ..profile import build_configs
+
+    check_format(fmt)
+    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    options = op_options(score=score, iters=iters, init=init, features=features)
+    configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
+    if not configs:
+        raise TpoolError("no reducing operator given (--op none reduces nothing)")
+    if data is None:  # fail before loading a model
+        raise TpoolError("tpool recon needs images for now: pass --data DIR (a folder of images, searched at any depth)")
+    if not data.expanduser().is_dir():
+        raise TpoolError(f"--data must be a folder of images, not found: {data}")
+    import torch
+
+    torch.manual_seed(seed)  # --random-init weights are then reproducible too
+    loaded = load_model(model, weights=weights, random_init=random_init, device=_device(device))
+    stderr.print(f"[dim]{model} ({loaded.weights}): {len(configs)} configuration(s) on up to {limit} image(s) from {data}[/dim]")
+    rows = reconstruction_on_folder(
+        loaded.model, data, configs, limit=limit, batch_size=batch_size, prop_attn=prop_attn, seed=seed
+    )
+    for row in rows:
+        row["model"] = model
+        row["weights"] = loaded.weights
+    images = rows[0]["images"] if rows else 0
+    table = make_table(
+        f"{model}: reconstruction error per reducing layer (mean over {images} images, per original patch)",
+        ["op", "schedule", "layer", "patch tokens in", "patch tokens out", "recon", "recon (significance-weighted)"],
+        [(r["op"], r["schedule"], r["layer"], r["tokens_in"], r["tokens_out"], r["recon"], r["recon_weighted"]) for r in rows],
+        caption="recon = sum_i s_i min_k ||x_i - y_k||^2 / sum_i s_i (s = token sizes); weighted: s_i x significance_i",
+    )
+    emit({"model": model, "weights": loaded.weights, "images": images, "results": rows}, rows, fmt, output, [table])
