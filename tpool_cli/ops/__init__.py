@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from ..errors import TpoolError
 from .base import FEATURES, ReduceContext, Reduction, TokenOperator
 from .grid import GridPool
+from .ideal import DropTokens
 from .pruning import NoReduction, RandomSelect, TopK
 
 _OPERATORS: dict[str, type[TokenOperator]] = {
@@ -30,6 +31,9 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
     """Register an operator class under its ``name`` (usable as a decorator)."""
     _OPERATORS[cls.name] = cls
     return cls
+
+
+register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 
 def option_names(name: str) -> set[str]:
