@@ -180,3 +180,31 @@ def test_cli_bad_input_is_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_gpu_script_runs_both_modes_and_renders(tmp_path):
+    """benchmarks/gpu.py end to end on a CPU, tiny: JSON per mode, one merged Markdown table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--device", "cpu", "--model", "deit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
+              "--ops", "topk,grid", "--keep", "0.5", "--warmup", "0", "--steps", "1", "--repeats", "1", "--out", str(tmp_path)]
+    script.main(["--mode", "eager", *common])
+    (tmp_path / "fake.json").write_text(json.dumps({"results": [{"op": "grid", "error": "RuntimeError: x"}]}))
+    script.main(["--mode", "compile", "--compile-backend", "aot_eager", "--no-gmacs", "--skip-failed", str(tmp_path / "fake.json"), *common])
+    eager = json.loads((tmp_path / "eager.json").read_text())
+    compiled = json.loads((tmp_path / "compile.json").read_text())
+    assert eager["finished"] and compiled["finished"] and compiled["skipped_after_eager_failure"] == ["grid"]
+    assert [r["op"] for r in eager["results"]] == ["topk", "grid"] and [r["op"] for r in compiled["results"]] == ["topk"]
+    table = (tmp_path / "gpu.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    # header, baseline, one ideal (at 32 px grid realises the same 4→2→1 path as topk), 2 operators
+    assert lines[0].startswith("| variant | keep") and len(lines) == 1 + 1 + 1 + 2
+    topk = next(line for line in lines if line.startswith("| topk"))
+    cells = [c.strip() for c in topk.strip("|").split("|")]
+    assert cells[4] and cells[7], "topk has eager and compiled throughput"
+    assert "not compiled (failed in eager): grid" in table

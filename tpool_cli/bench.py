@@ -20,9 +20,11 @@ call and each distinct ideal token path once, shared by the operators that need 
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -37,6 +39,7 @@ from .schedule import Schedule
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IDEAL_OP = "drop"
+SKIPPED = "skipped: time budget"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +320,40 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def check_sync_free(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]) -> Optional[str]:
+    """On CUDA: None if ``model(x)`` runs without a host-device synchronisation, else the first one.
+
+    Uses CUDA's sync debug mode ("error"), which raises at the first synchronising call (``.item()``,
+    ``nonzero``, a device-to-host copy...). One untimed call runs first, outside the check, so that
+    lazy initialisation (cuBLAS handles, workspace allocation) is not mistaken for the model's doing.
+    """
+    if x.device.type != "cuda":
+        raise TpoolError("the synchronisation check needs a CUDA device")
+    autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        model(x)
+        torch.cuda.synchronize(x.device)
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        except RuntimeError as exc:
+            return f"{str(exc).strip().splitlines()[0][:200]} at {_innermost_caller(exc)}"
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize(x.device)
+    return None
+
+
+def _innermost_caller(exc: BaseException) -> str:
+    """file:line (function) of the innermost frame outside torch: where the offending call was made."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    if not frames:
+        return "?"
+    f = frames[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} ({f.name})"
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
@@ -365,6 +402,8 @@ def bench(
     errors: Literal["raise", "record"] = "raise",
     count_gmacs: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    deadline: Optional[float] = None,
+    on_update: Optional[Callable[[BenchReport], None]] = None,
 ) -> BenchReport:
     """Time the baseline, then each (operator, schedule) with its ideal, on ``model`` (moved to ``device``).
 
@@ -373,7 +412,9 @@ def bench(
     into a row with its error instead of stopping the run; mistakes in the request (a schedule
     the model cannot take) are still raised before anything is timed. ``prop_attn`` applies to
     the operators, not to the ideal (whose attention stays unbiased, the fastest kind); ``seed``
-    to the ``random`` operator.
+    to the ``random`` operator. ``deadline`` (a ``time.monotonic()`` value) bounds scripts: no
+    variant starts after it, and the rows left get the error "skipped: time budget". ``on_update``
+    is called with the report after the baseline and after each row (scripts save partial results).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     amp = resolve_amp(settings.amp, dev)
@@ -403,8 +444,18 @@ def bench(
     try:
         baseline = measure("baseline")
         report = BenchReport(settings, dev, device_name(dev), img_size, amp, baseline, {})
+        if on_update is not None:
+            on_update(report)
         for operator, schedule, path in plans:
             key = tuple(path)
+            label = f"{operator.label()} {schedule.describe(depth)}"
+            if deadline is not None and time.monotonic() > deadline:
+                say(f"  {label} skipped: time budget")
+                skipped = Variant(label, path, None, None, error=SKIPPED)
+                report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, report.ideals.get(key, skipped), skipped))
+                if on_update is not None:
+                    on_update(report)
+                continue
             if key not in report.ideals:
                 if key == tuple(full_path):
                     report.ideals[key] = baseline  # nothing reduced: the ideal is the baseline
@@ -412,7 +463,6 @@ def bench(
                     patch(model, make_operator(IDEAL_OP), schedule=ideal_schedule(path))
                     report.ideals[key] = measure(f"ideal {_describe_path(path)}")
                     unpatch(model)
-            label = f"{operator.label()} {schedule.describe(depth)}"
             try:
                 patch(model, operator, schedule=schedule, prop_attn=prop_attn, seed=seed)
                 result = measure(label)
@@ -425,6 +475,8 @@ def bench(
             finally:
                 unpatch(model)
             report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, report.ideals[key], result))
+            if on_update is not None:
+                on_update(report)
     finally:
         unpatch(model)
         if settings.compile:
