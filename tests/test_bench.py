@@ -86,6 +86,28 @@ def test_rows_are_complete_and_consistent():
     assert not is_patched(model) and not model.training
 
 
+def test_eager_runs_are_interleaved_and_all_kept():
+    seen = []
+    settings = BenchSettings(batch_size=2, warmup=0, steps=1, repeats=3)
+    report = bench(tiny_vit(), build_configs(["topk"], (0.5,), (1, 2), None), settings, "cpu", progress=seen.append)
+    rounds = [i for i, m in enumerate(seen) if m.startswith("timed round")]
+    assert len(rounds) == 3 and rounds[0] > max(i for i, m in enumerate(seen) if m.startswith("warming up"))
+    for v in (report.baseline, report.rows[0].ideal, report.rows[0].operator):
+        assert len(v.timing.runs_img_per_s) == 3 and v.timing.img_per_s == sorted(v.timing.runs_img_per_s)[1]
+
+
+def test_deadline_skips_what_has_not_started():
+    import time
+
+    updates = []
+    report = bench(tiny_vit(), build_configs(["topk", "grid"], (0.5,), (1, 2), None), QUICK, "cpu",
+                   deadline=time.monotonic() - 1, on_update=lambda r: updates.append(len(r.rows)))
+    rows = report.payload("tiny")["results"]
+    assert [r["error"] for r in rows] == ["skipped: time budget"] * 2 and rows[0]["op_img_s"] is None
+    assert report.baseline.timing.img_per_s > 0  # the baseline always runs
+    assert updates[:3] == [0, 1, 2]  # after the baseline and after each row
+
+
 def test_keep_one_reuses_the_baseline_as_ideal():
     report = bench(tiny_vit(), [(make_operator("topk"), Schedule(keep=1.0))], QUICK, "cpu")
     assert report.rows[0].ideal is report.baseline and report.ideals == {(64, 64, 64, 64): report.baseline}
@@ -150,7 +172,7 @@ def test_cli_prints_wellformed_json(tmp_path):
     assert [(r["op"], r["keep"]) for r in rows] == [("topk", 0.7), ("topk", 0.5), ("random", 0.7), ("random", 0.5)]
     for r in rows:
         assert ROW_FIELDS <= set(r) and r["error"] is None and r["op_vs_ideal"] > 0 and r["op_vs_baseline"] > 0
-    assert "timing baseline" in proc.stderr  # progress on stderr, data on stdout
+    assert "warming up baseline" in proc.stderr and "timed round 1/1" in proc.stderr  # progress on stderr, data on stdout
 
 
 def test_cli_table(tmp_path):

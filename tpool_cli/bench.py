@@ -13,8 +13,11 @@ operator/ideal says how much of the schedule's speedup the operator keeps; opera
 whether it pays off at all. Weights are random: speed does not depend on them. Timing: a first
 call (which compiles, under ``compile``) timed on its own, ``warmup`` calls, then ``repeats`` runs
 of ``steps`` calls each, with the device synchronised before the clock is read at either end
-(CUDA kernels are asynchronous); throughput is the median run. The baseline is measured once per
-call and each distinct ideal token path once, shared by the operators that need it.
+(CUDA kernels are asynchronous); throughput is the median run. In eager mode the runs are
+interleaved (round r times every variant once), so a drift in the machine's speed cannot favour
+the variants timed last; compiled variants are compiled and timed one after the other (keeping
+every compiled variant alive at once would cost memory and dynamo cache entries). The baseline
+is measured once per call and each distinct ideal token path once, shared by the operators.
 """
 
 from __future__ import annotations
@@ -127,20 +130,29 @@ class BenchSettings:
 
 @dataclass
 class Timing:
-    """Throughput of one model variant."""
+    """Throughput of one model variant: its timed runs (filled in as they happen)."""
 
-    img_per_s: float  # median over the repeats
-    runs_img_per_s: list[float]  # one per repeat, in order (their spread is the noise)
-    ms_per_batch: float
+    batch_size: int
     first_call_s: float  # the first forward alone: includes compilation when compiled
+    runs_img_per_s: list[float] = field(default_factory=list)  # one per repeat, in order (the spread is the noise)
     graphs: Optional[int] = None  # compiled: graphs the first call produced (1 = no graph break)
     recompiled: Optional[int] = None  # compiled: graphs compiled after the first call (should be 0)
 
+    @property
+    def img_per_s(self) -> Optional[float]:
+        """Median over the runs so far."""
+        return statistics.median(self.runs_img_per_s) if self.runs_img_per_s else None
+
+    @property
+    def ms_per_batch(self) -> Optional[float]:
+        rate = self.img_per_s
+        return 1000.0 * self.batch_size / rate if rate else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
-            "img_per_s": round(self.img_per_s, 3),
+            "img_per_s": _round(self.img_per_s),
             "runs_img_per_s": [round(r, 3) for r in self.runs_img_per_s],
-            "ms_per_batch": round(self.ms_per_batch, 4),
+            "ms_per_batch": _round(self.ms_per_batch, 4),
             "first_call_s": round(self.first_call_s, 3),
             "graphs": self.graphs,
             "recompiled": self.recompiled,
@@ -156,6 +168,10 @@ class Variant:
     gmacs: Optional[float]
     timing: Optional[Timing]
     error: Optional[str] = None
+    # how to rebuild it (None: the unpatched model)
+    operator: Optional[TokenOperator] = field(default=None, repr=False)
+    schedule: Optional[Schedule] = field(default=None, repr=False)
+    prop_attn: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -212,7 +228,7 @@ class BenchRow:
             "baseline_compile_s": compile_s(self.baseline),
             "ideal_compile_s": compile_s(self.ideal),
             "op_compile_s": compile_s(self.operator),
-            "op_ms_per_batch": round(self.operator.timing.ms_per_batch, 4) if self.operator.timing else None,
+            "op_ms_per_batch": _round(self.operator.timing.ms_per_batch, 4) if self.operator.timing else None,
             "op_runs_img_s": [round(r, 3) for r in self.operator.timing.runs_img_per_s] if self.operator.timing else None,
             "op_graphs": self.operator.timing.graphs if self.operator.timing else None,
             "op_recompiled": self.operator.timing.recompiled if self.operator.timing else None,
@@ -269,48 +285,57 @@ def _amp_name(dtype: Optional[torch.dtype]) -> str:
 # Timing
 
 
-def time_forward(
-    model: nn.Module,
-    x: torch.Tensor,
-    settings: BenchSettings,
-    amp: Optional[torch.dtype],
-) -> Timing:
-    """Time ``model(x)`` as the module docstring says; under ``settings.compile`` compile it first.
+def start_variant(
+    model: nn.Module, x: torch.Tensor, settings: BenchSettings, amp: Optional[torch.dtype]
+) -> tuple[Callable[[torch.Tensor], Any], Timing]:
+    """Make the callable to time (compiled under ``settings.compile``), run its first call alone, warm it up.
 
     Dynamo's caches are cleared before compiling: the variants share code objects (the patched
     block's forward), and their graphs would otherwise pile up against its recompile limit.
     """
-    device = x.device
     fn: Callable[[torch.Tensor], Any] = model
     if settings.compile:
         torch._dynamo.reset()
-        fn = torch.compile(model, mode=None if settings.compile_mode == "default" else settings.compile_mode,
-                           backend=settings.compile_backend, dynamic=False)
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        mode = None if settings.compile_mode == "default" else settings.compile_mode
+        fn = torch.compile(model, mode=mode, backend=settings.compile_backend, dynamic=False)
     graphs_before = _compiled_graphs()
-    with torch.no_grad(), autocast:
-        synchronize(device)
+    with torch.no_grad(), _autocast(x.device, amp):
+        synchronize(x.device)
         start = time.perf_counter()
         fn(x)
-        synchronize(device)
-        first = time.perf_counter() - start
-        graphs_after_first = _compiled_graphs()
+        synchronize(x.device)
+        timing = Timing(batch_size=int(x.shape[0]), first_call_s=time.perf_counter() - start)
+        if settings.compile:
+            timing.graphs = _compiled_graphs() - graphs_before
         for _ in range(settings.warmup):
             fn(x)
-        runs = []
-        for _ in range(settings.repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(settings.steps):
-                fn(x)
-            synchronize(device)
-            runs.append(settings.steps * x.shape[0] / (time.perf_counter() - start))
-    rate = statistics.median(runs)
-    timing = Timing(img_per_s=rate, runs_img_per_s=runs, ms_per_batch=1000.0 * x.shape[0] / rate, first_call_s=first)
+    return fn, timing
+
+
+def timed_run(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, steps: int, amp: Optional[torch.dtype]) -> float:
+    """Images per second over ``steps`` calls, the device synchronised before reading the clock at both ends."""
+    with torch.no_grad(), _autocast(x.device, amp):
+        synchronize(x.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn(x)
+        synchronize(x.device)
+        return steps * x.shape[0] / (time.perf_counter() - start)
+
+
+def time_forward(model: nn.Module, x: torch.Tensor, settings: BenchSettings, amp: Optional[torch.dtype]) -> Timing:
+    """First call, warm-up and ``settings.repeats`` timed runs of one model, back to back."""
+    fn, timing = start_variant(model, x, settings, amp)
+    graphs = _compiled_graphs()
+    for _ in range(settings.repeats):
+        timing.runs_img_per_s.append(timed_run(fn, x, settings.steps, amp))
     if settings.compile:
-        timing.graphs = graphs_after_first - graphs_before
-        timing.recompiled = _compiled_graphs() - graphs_after_first
+        timing.recompiled = _compiled_graphs() - graphs
     return timing
+
+
+def _autocast(device: torch.device, amp: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
 def _compiled_graphs() -> int:
@@ -329,8 +354,7 @@ def check_sync_free(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype
     """
     if x.device.type != "cuda":
         raise TpoolError("the synchronisation check needs a CUDA device")
-    autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), _autocast(x.device, amp):
         model(x)
         torch.cuda.synchronize(x.device)
         previous = torch.cuda.get_sync_debug_mode()
@@ -419,6 +443,7 @@ def bench(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     amp = resolve_amp(settings.amp, dev)
     say = progress or (lambda message: None)
+    interleave = not settings.compile
     unpatch(model)
     model.eval().to(dev)
     depth = len(model.blocks)
@@ -433,54 +458,97 @@ def bench(
         plans.append((operator, schedule, token_path(model)))
         unpatch(model)
 
-    def measure(label: str) -> Variant:
-        path = token_path(model) if hasattr(model, "tpool_state") else full_path
-        gmacs = _gmacs(model, img_size, say) if count_gmacs else None
-        say(f"timing {label}" + (" (compiling)" if settings.compile else ""))
-        timing = time_forward(model, x, settings, amp)
-        say(f"  {label}: {timing.img_per_s:,.1f} img/s" + (f", first call {timing.first_call_s:.1f} s" if settings.compile else ""))
-        return Variant(label, path, gmacs, timing)
+    def apply(v: Variant) -> None:
+        if v.operator is not None:
+            patch(model, v.operator, schedule=v.schedule, prop_attn=v.prop_attn, seed=seed)
 
+    def fail(v: Variant, exc: Exception) -> None:
+        if errors == "raise":
+            raise exc
+        text = str(exc).strip()
+        v.error = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        v.timing = None
+        say(f"  {v.label} failed: {v.error}")
+
+    def prepare(v: Variant) -> None:
+        """GMACs, first call and warm-up; back-to-back timed runs too unless they are interleaved."""
+        try:
+            apply(v)
+            v.gmacs = _gmacs(model, img_size, say) if count_gmacs else None
+            say(f"{'compiling and timing' if settings.compile else 'warming up'} {v.label}")
+            if interleave:
+                v.timing = start_variant(model, x, settings, amp)[1]
+            else:
+                v.timing = time_forward(model, x, settings, amp)
+                say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s, first call {v.timing.first_call_s:.1f} s")
+        except Exception as exc:  # noqa: BLE001 - recorded (or re-raised) by fail()
+            fail(v, exc)
+        finally:
+            unpatch(model)
+
+    report: Optional[BenchReport] = None
     try:
-        baseline = measure("baseline")
+        baseline = Variant("baseline", full_path, None, None)
+        prepare(baseline)
+        if baseline.error:
+            raise TpoolError(f"the unpatched model does not run: {baseline.error}")
         report = BenchReport(settings, dev, device_name(dev), img_size, amp, baseline, {})
+        variants = [baseline]
         if on_update is not None:
             on_update(report)
         for operator, schedule, path in plans:
             key = tuple(path)
             label = f"{operator.label()} {schedule.describe(depth)}"
+            result = Variant(label, path, None, None, operator=operator, schedule=schedule, prop_attn=prop_attn)
             if deadline is not None and time.monotonic() > deadline:
                 say(f"  {label} skipped: time budget")
-                skipped = Variant(label, path, None, None, error=SKIPPED)
-                report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, report.ideals.get(key, skipped), skipped))
-                if on_update is not None:
-                    on_update(report)
-                continue
-            if key not in report.ideals:
-                if key == tuple(full_path):
-                    report.ideals[key] = baseline  # nothing reduced: the ideal is the baseline
-                else:
-                    patch(model, make_operator(IDEAL_OP), schedule=ideal_schedule(path))
-                    report.ideals[key] = measure(f"ideal {_describe_path(path)}")
-                    unpatch(model)
-            try:
-                patch(model, operator, schedule=schedule, prop_attn=prop_attn, seed=seed)
-                result = measure(label)
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                if errors == "raise":
-                    raise
-                message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                say(f"  {label} failed: {message}")
-                result = Variant(label, path, None, None, error=message)
-            finally:
-                unpatch(model)
-            report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, report.ideals[key], result))
+                result.error = SKIPPED
+                ideal = report.ideals.get(key, Variant(f"ideal {_describe_path(path)}", path, None, None, error=SKIPPED))
+            else:
+                if key not in report.ideals:
+                    if key == tuple(full_path):
+                        report.ideals[key] = baseline  # nothing reduced: the ideal is the baseline
+                    else:
+                        ideal_variant = Variant(f"ideal {_describe_path(path)}", path, None, None,
+                                                operator=make_operator(IDEAL_OP), schedule=ideal_schedule(path))
+                        prepare(ideal_variant)
+                        report.ideals[key] = ideal_variant
+                        variants.append(ideal_variant)
+                ideal = report.ideals[key]
+                prepare(result)
+                variants.append(result)
+            report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, ideal, result))
             if on_update is not None:
                 on_update(report)
+
+        if interleave:
+            # Eager: one timed run of every variant per round, so that drift in the machine's
+            # speed (clocks, other load) spreads over all variants instead of biasing the last ones.
+            for round_index in range(settings.repeats):
+                if round_index > 0 and deadline is not None and time.monotonic() > deadline:
+                    say(f"time budget: stopping after {round_index} timed round(s)")
+                    break
+                say(f"timed round {round_index + 1}/{settings.repeats}")
+                for v in variants:
+                    if v.timing is None:
+                        continue
+                    try:
+                        apply(v)  # eager: re-patching is a cheap swap of wrapper modules, no warm-up lost
+                        v.timing.runs_img_per_s.append(timed_run(model, x, settings.steps, amp))
+                    except Exception as exc:  # noqa: BLE001
+                        fail(v, exc)
+                    finally:
+                        unpatch(model)
+                if on_update is not None:
+                    on_update(report)
+            for v in variants:
+                if v.timing is not None:
+                    say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s")
     finally:
         unpatch(model)
         if settings.compile:
             torch._dynamo.reset()
+    assert report is not None
     return report
 
 
