@@ -259,8 +259,9 @@ def render(payloads: dict[str, dict[str, Any]]) -> str:
     eb, cb = (eager or {}).get("baseline"), (compiled or {}).get("baseline")
     lines.append(
         f"| baseline | 1 | {_path((eb or cb)['tokens_per_block'])} | {_gmacs((eb or {}).get('gmacs') or (cb or {}).get('gmacs'))} | "
-        f"{_rate((eb or {}).get('img_per_s'))} | {'1.00' if eb else ''} | | {_rate((cb or {}).get('img_per_s'))} | "
-        f"{'1.00' if cb else ''} | | {_secs((cb or {}).get('first_call_s'))} | {sync_cell('baseline')} |"
+        f"{_rate((eb or {}).get('img_per_s'))} | {'1.00' if (eb or {}).get('img_per_s') else ''} | | "
+        f"{_rate((cb or {}).get('img_per_s'))} | {'1.00' if (cb or {}).get('img_per_s') else ''} | | "
+        f"{_secs((cb or {}).get('first_call_s'))} | {sync_cell('baseline')} |"
     )
     by_keep: dict[Any, list[tuple[str, str]]] = {}
     for key in keys:

@@ -22,7 +22,7 @@ from tpool_cli.cli import main
 from tpool_cli.errors import TpoolError
 from tpool_cli.ops import make_operator
 from tpool_cli.ops.base import ReduceContext, Reduction, TokenOperator
-from tpool_cli.patch import is_patched, patch
+from tpool_cli.patch import is_patched
 from tpool_cli.profile import build_configs
 from tpool_cli.schedule import Schedule
 
