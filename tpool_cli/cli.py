@@ -57,6 +57,7 @@ def _register_commands() -> None:
     from .commands import profile  # noqa: F401
     from .commands import visualize  # noqa: F401
     from .commands import recon  # noqa: F401
+    from .commands import bench, profile  # noqa: F401
 
 
 _register_commands()

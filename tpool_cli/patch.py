@@ -24,6 +24,7 @@ from .attention import attention_with_features
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .ops.base import SIGNIFICANCE, ReduceContext
+from .ops.common import hash32
 from .recon import reconstruction_error
 from .schedule import Schedule
 
@@ -45,7 +46,6 @@ class ReductionState:
     counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # block -> (patch tokens in, out)
     history: list[torch.Tensor] = field(default_factory=list)  # source map after each reduction (track only)
     diagnostics: list[dict] = field(default_factory=list)  # per reduction: layer, tokens, errors (diagnose only)
-    _generators: dict[str, torch.Generator] = field(default_factory=dict)
 
     def begin(self, x: torch.Tensor) -> None:
         """Reset at the start of a forward pass (called by block 0)."""
@@ -57,12 +57,9 @@ class ReductionState:
         self.history = []
         self.diagnostics = []
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """A seeded generator per device, created once per patch: random selection is reproducible."""
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+    def block_seed(self, index: int) -> int:
+        """The seed random operators use at block ``index``: a plain int, so compiled graphs bake it in."""
+        return hash32(self.seed ^ hash32(index + 0x9E3779B9))
 
 
 class Reducer(nn.Module):
@@ -83,7 +80,7 @@ class Reducer(nn.Module):
         ctx = ReduceContext(
             sizes=sizes,
             grid=st.grid,
-            generator=st.generator(x.device) if self.operator.name == "random" else None,
+            seed=st.block_seed(self.index),
             track=st.track,
             **features,
         )

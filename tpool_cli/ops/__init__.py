@@ -15,6 +15,7 @@ from .base import FEATURES, ReduceContext, Reduction, TokenOperator
 from .clustering import KMeans, KMedoids, WeightedKMeans, WeightedKMedoids
 from .evit import EViT
 from .grid import GridPool
+from .ideal import DropTokens
 from .pruning import NoReduction, RandomSelect, TopK
 from .tome import ToMe
 
@@ -33,6 +34,9 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
     """Register an operator class under its ``name`` (usable as a decorator)."""
     _OPERATORS[cls.name] = cls
     return cls
+
+
+register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 
 def option_names(name: str) -> set[str]:

@@ -31,7 +31,9 @@ class ReduceContext:
     significance: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
     grid: Optional[tuple[int, int]] = None  # (rows, cols) while the tokens still form a 2D grid
-    generator: Optional[torch.Generator] = None
+    # Seed for operators that draw random numbers, distinct per block (patch's --seed mixed with the
+    # block index); draw with ops.common.hash_uniform, a pure function: no generator state to trace.
+    seed: int = 0
     track: bool = False  # compute Reduction.assignment (for source maps); off in evaluation
 
 

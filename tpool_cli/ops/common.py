@@ -72,3 +72,37 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x_sq, y_sq = torch.linalg.vecdot(x32, x32), torch.linalg.vecdot(y32, y32)
     d = x_sq.unsqueeze(-1) + y_sq.unsqueeze(1) - 2.0 * (x32 @ y32.transpose(1, 2))
     return d.clamp_min_(0.0)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """x * c mod 2**32 for 0 <= x < 2**32, without ever leaving int64 (split into 16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x):
+    """A bijective 32-bit integer mix (Wellons' "lowbias32"), for Python ints and int64 tensors alike.
+
+    Exact integer arithmetic, so eager, compiled, CPU and CUDA runs give the same bits.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """B x N pseudo-random floats in [0, 1) (24 bits each), a pure function of (seed, row, column).
+
+    Counter-based rather than drawn from a ``torch.Generator``: no generator state to carry through
+    the forward, which ``torch.compile(fullgraph=True)`` cannot trace, and no dependence on how
+    many forwards ran before. Every element's counter b * N + n is distinct and the mix is a
+    bijection, so distinct elements get distinct 32-bit values.
+    """
+    counter = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n)
+    bits = hash32(counter ^ hash32(seed))
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -37,16 +36,15 @@ def grid_shape_for(rows: int, cols: int, k: int) -> tuple[int, int]:
             return r, c
 
 
-@lru_cache(maxsize=64)
-def _cell_index_cpu(rows: int, cols: int, out_rows: int, out_cols: int) -> torch.Tensor:
-    row_group = torch.arange(rows) * out_rows // rows
-    col_group = torch.arange(cols) * out_cols // cols
-    return (row_group[:, None] * out_cols + col_group[None, :]).reshape(-1)
-
-
 def grid_cells(rows: int, cols: int, out_rows: int, out_cols: int, device: torch.device) -> torch.Tensor:
-    """Cell index (raster order) of each patch of a rows x cols grid cut into out_rows x out_cols."""
-    return _cell_index_cpu(rows, cols, out_rows, out_cols).to(device)
+    """Cell index (raster order) of each patch of a rows x cols grid cut into out_rows x out_cols.
+
+    Computed on ``device`` (a few tiny kernels) rather than copied there from a cached CPU tensor:
+    a host-to-device copy from pageable memory synchronises the stream, in every forward.
+    """
+    row_group = torch.div(torch.arange(rows, device=device) * out_rows, rows, rounding_mode="floor")
+    col_group = torch.div(torch.arange(cols, device=device) * out_cols, cols, rounding_mode="floor")
+    return (row_group[:, None] * out_cols + col_group[None, :]).reshape(-1)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import torch
 
 from .base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction, TokenOperator
-from .common import keep_by_score
+from .common import hash_uniform, keep_by_score
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,17 @@ class TopK(TokenOperator):
 
 @dataclass(frozen=True)
 class RandomSelect(TokenOperator):
-    """Keep K tokens chosen uniformly at random (seeded: the patch's generator, ``--seed``)."""
+    """Keep K tokens chosen uniformly at random (seeded by ``--seed``).
+
+    The draw is a pure function of (seed, block, image's place in the batch, token position)
+    (:func:`hash_uniform`), so a forward is deterministic, does not depend on earlier forwards, and
+    compiles with ``torch.compile(fullgraph=True)`` (a ``torch.Generator`` cannot be traced).
+    """
 
     name = "random"
     summary = "keep K tokens chosen uniformly at random (seeded)"
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        scores = torch.rand(x.shape[:2], generator=ctx.generator, device=x.device)
+        scores = hash_uniform(ctx.seed, x.shape[0], x.shape[1], x.device)
         tokens, sizes, assignment = keep_by_score(x, ctx.sizes, scores, k, ctx.track)
         return Reduction(tokens, sizes, assignment)

@@ -1,0 +1,127 @@
+"""`tpool bench`: images per second of baseline, ideal (free reduction) and operator, on synthetic input."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..cli import app
+from ..cli_options import (
+    AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
+    OpsOpt, OutputOpt, PropAttnOpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
+)
+from ..output import check_format, emit, make_table, stderr
+
+# Timing knobs of bench alone. Timed calls are --steps, not --iters: --iters is the clustering option.
+BenchBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default 256 on CUDA, 8 on CPU).")]
+WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", help="Untimed calls after the first (default 10 on CUDA, 3 on CPU).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Timed calls per repeat (default 50 on CUDA, 5 on CPU).")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Timed runs; throughput is their median.")]
+CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode with --compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")]
+
+# (batch size, warmup, steps) when not given: the issue's setting on CUDA, something that ends on a CPU
+DEFAULTS = {"cuda": (256, 10, 50), "cpu": (8, 3, 5)}
+
+
+@app.command()
+def bench(
+    model: ModelOpt = "deit_small_patch16_224",
+    op: OpsOpt = "topk",
+    keep: KeepOpt = None,
+    layers: LayersOpt = None,
+    tokens: TokensOpt = None,
+    img_size: ImgSizeOpt = None,
+    batch_size: BenchBatchOpt = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = None,
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    warmup: WarmupOpt = None,
+    steps: StepsOpt = None,
+    repeats: RepeatsOpt = 3,
+    prop_attn: PropAttnOpt = False,
+    seed: SeedOpt = 0,
+    score: ScoreOpt = None,
+    iters: ItersOpt = None,
+    init: InitOpt = None,
+    features: FeaturesOpt = None,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> int:
+    """Images per second: the unpatched baseline, the ideal (same token counts, reduction free) and the operator.
+
+    Random weights and synthetic images (speed depends on neither); the device is synchronised
+    around every timed run. Ratios operator/baseline and operator/ideal come from one run.
+    """
+    from ..bench import BenchSettings, bench as run_bench, resolve_amp, resolve_device
+    from ..models import load_model
+    from ..profile import build_configs
+
+    check_format(fmt)
+    dev = resolve_device(device)
+    resolve_amp(amp, dev)  # a bad --amp fails before the model is built
+    default_batch, default_warmup, default_steps = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
+    settings = BenchSettings(
+        batch_size=batch_size if batch_size is not None else default_batch,
+        img_size=img_size,
+        amp=amp,
+        compile=compile,
+        compile_mode=compile_mode,
+        warmup=warmup if warmup is not None else default_warmup,
+        steps=steps if steps is not None else default_steps,
+        repeats=repeats,
+    )
+    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    options = op_options(score=score, iters=iters, init=init, features=features)
+    configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
+    if not configs:
+        from ..ops import make_operator
+        from ..schedule import Schedule
+
+        configs = [(make_operator("none"), Schedule(keep=1.0, layers=layer_list))]  # --op none: the baseline alone
+    loaded = load_model(model, random_init=True, img_size=img_size)
+    stderr.print(f"[dim]{model}, batch {settings.batch_size}, {dev}, compile={'on' if compile else 'off'}[/dim]")
+    report = run_bench(
+        loaded.model, configs, settings, dev, prop_attn=prop_attn, seed=seed, errors="record",
+        progress=lambda m: stderr.print(f"[dim]{m}[/dim]"),
+    )
+    payload = report.payload(model)
+    rows = payload["results"]
+    compiled = settings.compile
+    columns = ["op", "schedule", "patch tokens", "GMACs", "baseline img/s", "ideal img/s", "op img/s", "op/baseline", "op/ideal"]
+    if compiled:
+        columns += ["compile s (op)"]
+    lines = []
+    for r in rows:
+        line = [r["op"], r["schedule"], _path(r["tokens_per_block"]), r["op_gmacs"] if r["op_gmacs"] is not None else "",
+                _num(r["baseline_img_s"]), _num(r["ideal_img_s"]), _num(r["op_img_s"]) if not r["error"] else "failed",
+                _ratio(r["op_vs_baseline"]), _ratio(r["op_vs_ideal"])]
+        if compiled:
+            line.append(f"{r['op_compile_s']:.1f}" if r["op_compile_s"] is not None else "")
+        lines.append(line)
+    base = payload["baseline"]
+    caption = (
+        f"{payload['device_name']}; batch {settings.batch_size}, amp {payload['amp']}, "
+        f"{'torch.compile mode ' + compile_mode if compiled else 'eager'}; baseline {base['gmacs'] or 0:.4f} GMACs; "
+        f"median of {settings.repeats} runs of {settings.steps} calls"
+    )
+    table = make_table(f"{model} @ {payload['img_size']}px: throughput (images/s)", columns, lines, caption=caption)
+    for r in rows:
+        if r["error"]:
+            stderr.print(f"[red]{r['op']} {r['schedule']} failed:[/red] {r['error']}", highlight=False)
+    emit(payload, rows, fmt, output, [table])
+    return 1 if any(r["error"] for r in rows) else 0  # a failed operator is a bug: the rest still reported
+
+
+def _num(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:,.1f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _path(path: list[int]) -> str:
+    counts = [path[0]] + [b for a, b in zip(path, path[1:]) if b != a]
+    return "→".join(map(str, counts))
