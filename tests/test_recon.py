@@ -39,7 +39,7 @@ def structured_tokens(seed, b=8, rows=8, cols=8, c=16, regions=6, noise=0.3):
         cls_attn=torch.rand(b, rows * cols, generator=g).softmax(1),
         keys=x @ torch.randn(c, 8, generator=g),
         grid=(rows, cols),
-        generator=torch.Generator().manual_seed(0),
+        seed=0,
     )
     return x, ctx
 
