@@ -55,6 +55,7 @@ def _root() -> None:
 def _register_commands() -> None:
     """Import the command modules; each adds itself to ``app`` with @app.command()."""
     from .commands import profile  # noqa: F401
+    from .commands import evaluate  # noqa: F401
 
 
 _register_commands()
