@@ -22,6 +22,17 @@ from timm.data import ImageNetInfo
 CKPT_MODEL = "vit_tiny_patch16_224"  # 1000-way head; built at a small img_size to stay fast
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the test subprocesses get (OMP_NUM_THREADS=1): the tiny models here
+    gain nothing from more, and on a shared 2-core machine oversubscribed threads are 10-100x slower.
+    Import it into a test module to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def synsets() -> list[str]:
     return list(ImageNetInfo().label_names())
 
@@ -82,9 +93,28 @@ def constant_checkpoint(path: Path, cls: int, img_size: int = 32) -> Path:
     return path
 
 
-def random_checkpoint(path: Path, img_size: int = 64, seed: int = 0) -> Path:
-    """A randomly initialised ViT (seeded), saved as safetensors: predictions vary with the operator."""
+def random_checkpoint(path: Path, img_size: int = 64, seed: int = 0, classes: Optional[int] = None) -> Path:
+    """A randomly initialised ViT (seeded), saved as safetensors: predictions vary with the operator.
+
+    ``classes``: only the first ``classes`` outputs of the 1000-way head can win (the others get a
+    large negative bias), so on a ``classes``-way folder accuracy is chance-level, not zero."""
     torch.manual_seed(seed)
     model = timm.create_model(CKPT_MODEL, pretrained=False, img_size=img_size)
+    if classes is not None:
+        with torch.no_grad():
+            model.head.weight[classes:].zero_()
+            model.head.bias[classes:] = -100.0
+            model.head.weight[:classes] *= 50.0  # spread the logits so operators change predictions
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def small_label_space(root: Path, classes: int = 10) -> tuple[Path, Path]:
+    """foolbox's 20 photos spread over folders ``c0``..``c{classes-1}`` plus their class map."""
+    for i, (path, _) in enumerate(foolbox_images()):
+        target = root / "data" / f"c{i % classes}"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    class_map = root / "classes.txt"
+    class_map.write_text("".join(f"c{i}\n" for i in range(classes)))
+    return root / "data", class_map

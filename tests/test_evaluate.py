@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from imagefolders import CKPT_MODEL, constant_checkpoint, foolbox_images, imagenet_folder, photos_as, random_checkpoint, synsets
+from imagefolders import (  # noqa: F401 (one_thread: autouse)
+    CKPT_MODEL, constant_checkpoint, foolbox_images, imagenet_folder, one_thread, photos_as, random_checkpoint, synsets,
+)
 from tpool_cli.cli import main
 from tpool_cli.data import data_config, decode_once, scan_folder
 from tpool_cli.evaluate import _model_only, evaluate
@@ -31,7 +33,7 @@ def random_ckpt(tmp_path_factory):
 
 
 def tpool(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "tpool_cli", *args], capture_output=True, text=True, timeout=180, env=env)
 
 

@@ -127,6 +127,8 @@ class EvalResult:
             top1=round(self.top1, 4),
             top5=round(self.top5, 4),
             images=self.images,
+            correct1=self.correct1,
+            correct5=self.correct5,
             skipped=len(self.skipped),
             model_only_img_s=round(self.model_only_ips, 2) if self.model_only_ips else None,
             end_to_end_img_s=round(self.end_to_end_ips, 2) if self.end_to_end_ips else None,
@@ -166,6 +168,15 @@ def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict
         "img_size": int(size[0]) if size is not None else None,
         "num_classes": int(getattr(model, "num_classes", 0)),
     }
+
+
+def _restart_random_streams(model: nn.Module) -> None:
+    """Start the `random` operator's generator from its seed again (patch.py creates it lazily, once
+    per device), so an evaluation gives the same selection whatever ran before it on the patched
+    model: the FLOP count's trace, an earlier evaluation, the cached or the per-batch path."""
+    state = getattr(model, "tpool_state", None)
+    if state is not None:
+        state._generators.clear()
 
 
 def _folder_batches(
@@ -280,7 +291,8 @@ def evaluate(
         **versions(),
     )
 
-    forward = torch.compile(net) if compile else net
+    _restart_random_streams(net)
+    forward = torch.compile(net, dynamic=False) if compile else net
     compile_seconds: Optional[float] = None
     mean, std = cfg["mean"], cfg["std"]
     k5 = min(5, num_classes or 5)
@@ -304,6 +316,9 @@ def evaluate(
                 skipped += bad
                 if x is not None:
                     inp = normalize(x, mean, std)
+                    n = int(x.shape[0])
+                    if compile and n < batch_size:  # one input shape: a partial batch would recompile
+                        inp = torch.cat([inp, inp.new_zeros((batch_size - n, *inp.shape[1:]))])
                     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         if compile and compile_seconds is None:
                             _sync(dev)
@@ -313,13 +328,13 @@ def evaluate(
                             compile_seconds = time.perf_counter() - t0
                         _sync(dev)
                         t0 = time.perf_counter()
-                        logits = forward(inp)
+                        logits = forward(inp)[:n]
                         _sync(dev)
-                        timings.append((int(x.shape[0]), time.perf_counter() - t0))
+                        timings.append((n, time.perf_counter() - t0))
                     top = logits.float().topk(k5, dim=1).indices
                     correct1 += (top[:, 0] == y).sum()
                     correct5 += (top == y[:, None]).any(dim=1).sum()
-                    images += int(x.shape[0])
+                    images += n
                     if keep_predictions:
                         preds.append(top[:, 0].cpu())
                         pred_idx.append(indices.cpu())

@@ -72,6 +72,8 @@ def evaluate(
     if random_init:
         torch.manual_seed(seed)  # the same random weights on every run, so results are reproducible
     loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
+    if random_init:
+        loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
     baseline_gmacs = count_flops(loaded.model).total
     if configs:
         operator, schedule = configs[0]
