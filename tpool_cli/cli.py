@@ -56,6 +56,7 @@ def _register_commands() -> None:
     """Import the command modules; each adds itself to ``app`` with @app.command()."""
     from .commands import profile  # noqa: F401
     from .commands import evaluate  # noqa: F401
+    from .commands import pareto, report  # noqa: F401
 
 
 _register_commands()

@@ -26,8 +26,11 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", self.unit)
+        if not unit:
+            return Text("")
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} {self.unit}" if speed else f"- {self.unit}", style="cyan")
+        return Text(f"{speed:,.0f} {unit}" if speed else f"- {unit}", style="cyan")
 
 
 def make_progress(transient: bool = False) -> Progress:
@@ -65,3 +68,40 @@ class Advance:
 
     def reset(self, description: Optional[str] = None, total: Optional[int] = None) -> None:
         self.progress.reset(self.task, description=description, total=total)
+
+
+class RichSweepProgress:
+    """A sweep's progress on stderr: points done / total with ETA, and a bar for the current point
+    (or for the one-time decode). Implements :class:`tpool_cli.sweep.SweepProgress`."""
+
+    def __init__(self) -> None:
+        self.progress = make_progress()
+        self.points: Optional[TaskID] = None
+        self.current: Optional[TaskID] = None
+
+    def __enter__(self) -> "RichSweepProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total_points: int, done_points: int) -> None:
+        self.points = self.progress.add_task("points", total=total_points, completed=done_points, unit="")
+
+    def _bar(self, description: str, total: int) -> Advance:
+        if self.current is None:
+            self.current = self.progress.add_task(description, total=total)
+        else:
+            self.progress.reset(self.current, description=description, total=total)
+        return Advance(self.progress, self.current)
+
+    def decode(self, total_files: int) -> Advance:
+        return self._bar("decoding (once)", total_files)
+
+    def point(self, label: str, total_images: int) -> Advance:
+        return self._bar(label, total_images)
+
+    def point_done(self, row: dict) -> None:
+        if self.points is not None:
+            self.progress.advance(self.points, 1)
