@@ -58,6 +58,8 @@ def _register_commands() -> None:
     from .commands import visualize  # noqa: F401
     from .commands import recon  # noqa: F401
     from .commands import bench, profile  # noqa: F401
+    from .commands import evaluate  # noqa: F401
+    from .commands import pareto, report  # noqa: F401
 
 
 _register_commands()

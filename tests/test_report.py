@@ -1,0 +1,165 @@
+"""Pareto frontier, savings, gates, results store recovery and report files, on hand-made rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tpool_cli.errors import TpoolError
+from tpool_cli.report import (
+    Gate, check_gates, compare, frontier_mask, parse_gate, results_frame, savings, write_report,
+)
+from tpool_cli.sweep import ResultsStore
+
+
+def test_frontier_on_hand_made_points():
+    #          0       1        2        3        4          5         6 (= 1)   7 (NaN)
+    costs = [1.0, 2.0, 2.0, 3.0, 1.5, 0.5, 2.0, float("nan")]
+    values = [50.0, 60.0, 55.0, 60.0, 50.0, 40.0, 60.0, 99.0]
+    assert frontier_mask(costs, values) == [True, True, False, False, False, True, True, False]
+
+
+def test_frontier_edge_cases():
+    assert frontier_mask([], []) == []
+    assert frontier_mask([1.0], [None]) == [False]
+    assert frontier_mask([1.0, 1.0], [5.0, 5.0]) == [True, True]  # identical points do not dominate each other
+    assert frontier_mask([1.0, 1.0], [5.0, 4.0]) == [True, False]  # same cost, lower value: dominated
+    assert frontier_mask([1.0, 2.0], [5.0, 5.0]) == [True, False]  # same value, higher cost: dominated
+    with pytest.raises(ValueError):
+        frontier_mask([1.0], [])
+
+
+def _dominated(i: int, costs, values) -> bool:
+    return any(
+        costs[j] <= costs[i] and values[j] >= values[i] and (costs[j] < costs[i] or values[j] > values[i])
+        for j in range(len(costs))
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=25))
+def test_frontier_is_exactly_the_non_dominated_points(points):
+    costs = [float(c) for c, _ in points]
+    values = [float(v) for _, v in points]
+    assert frontier_mask(costs, values) == [not _dominated(i, costs, values) for i in range(len(points))]
+
+
+def row(op: str, keep: float, gmacs: float, top1: float, ips: float = 100.0, **extra) -> dict:
+    """A result row as a sweep writes it (the fields reports read)."""
+    base = {
+        "key": f"{op}-{keep}", "model": "m", "weights": "w.safetensors", "weights_sha256": "ab" * 32, "random_init": False,
+        "op": op, "keep": keep, "schedule": "baseline" if op == "none" else f"keep={keep:g}@3,6,9", "img_size": 224,
+        "gmacs": gmacs, "top1": top1, "top5": min(100.0, top1 + 15), "images": 100, "skipped": 0,
+        "model_only_img_s": ips, "end_to_end_img_s": ips / 2, "data": "/d", "label_space": "imagenet-1k synsets (timm)",
+        "data_fingerprint": "f" * 16, "device": "cpu", "device_name": "cpu", "dtype": "fp32", "batch_size": 64,
+        "torch": "2", "timm": "1", "patch_tokens": [196, 137], "op_options": {},
+    }
+    base.update(extra)
+    return base
+
+
+ROWS = [
+    row("none", 1.0, 4.6, 79.8, 1000.0),
+    row("topk", 0.9, 3.9, 79.6, 1150.0),
+    row("topk", 0.7, 3.1, 78.9, 1400.0),
+    row("topk", 0.5, 2.5, 76.0, 1700.0),
+    row("grid", 0.9, 3.8, 78.8, 1160.0),
+    row("grid", 0.7, 3.0, 77.5, 1420.0),
+    row("grid", 0.5, 2.6, 74.0, 1650.0),
+]
+
+
+def test_results_frame_derived_columns_and_frontiers():
+    df = results_frame(ROWS).set_index("key")
+    assert df.loc["topk-0.7", "delta_top1"] == pytest.approx(-0.9)
+    assert df.loc["topk-0.7", "gmacs_saved_pct"] == pytest.approx(100 * (1 - 3.1 / 4.6), abs=1e-3)
+    assert df.loc["topk-0.7", "speedup"] == pytest.approx(1.4)
+    assert sorted(df.index[df["frontier"]]) == ["grid-0.7", "none-1.0", "topk-0.5", "topk-0.7", "topk-0.9"]
+    assert sorted(df.index[df["frontier_op"]]) == ["grid-0.5", "grid-0.7", "grid-0.9", "topk-0.5", "topk-0.7", "topk-0.9"]
+    assert "grid-0.5" not in df.index[df["frontier_speed"]]  # slower and worse than topk-0.5
+
+
+def test_savings_at_bounded_drops():
+    sav = savings(results_frame(ROWS)).set_index("op")
+    assert sav.loc["topk", "saved_at_0.5"] == pytest.approx(0.7) and sav.loc["topk", "keep_at_0.5"] == "keep=0.9@3,6,9"
+    assert sav.loc["topk", "saved_at_1"] == pytest.approx(1.5)
+    assert sav.loc["topk", "saved_at_2"] == pytest.approx(1.5)
+    assert sav.loc["grid", "saved_at_0.5"] is None or math.isnan(sav.loc["grid", "saved_at_0.5"])
+    assert sav.loc["grid", "saved_at_1"] == pytest.approx(0.8)
+
+
+def test_gates():
+    df = results_frame(ROWS)
+    assert parse_gate("topk@0.7=78.5") == Gate("topk", 0.7, 78.5)
+    assert check_gates(df, [Gate("topk", 0.7, 78.5), Gate("none", 1.0, 79.0)]) == []
+    failures = check_gates(df, [Gate("grid", 0.5, 75.0), Gate("evit", 0.7, 1.0)])
+    assert len(failures) == 2 and "reached top-1 74.00 < 75" in failures[0] and "no point evit" in failures[1]
+    for bad in ("topk0.7=1", "topk@x=1", "topk@0.7", ""):
+        with pytest.raises(TpoolError, match="OP@KEEP=TOP1"):
+            parse_gate(bad)
+
+
+def test_gate_matches_operator_labels_with_options():
+    rows = ROWS[:1] + [row("topk(score=received)", 0.7, 3.1, 70.0)]
+    assert check_gates(results_frame(rows), [Gate("topk", 0.7, 71.0)])[0].startswith("topk@0.7=71: topk(score=received)")
+
+
+def test_report_files_are_written_and_reproducible(tmp_path):
+    rep = write_report(tmp_path, ROWS)
+    names = sorted(p.name for p in rep.files)
+    assert names == sorted(["results.csv", "pareto.md", "top1_vs_gmacs.png", "top1_vs_gmacs.svg", "top1_vs_speed.png", "top1_vs_speed.svg"])
+    first = {p.name: p.read_bytes() for p in rep.files}
+    assert all(len(b) > 500 for b in first.values())
+    md = first["pareto.md"].decode()
+    assert "## Pareto frontier" in md and "### topk" in md and "### grid" in md and "drop ≤ 0.5" in md
+    assert "0.7000 GMACs (15.2%) at keep=0.9@3,6,9" in md
+    csv_lines = first["results.csv"].decode().splitlines()
+    assert len(csv_lines) == 1 + len(ROWS) and "frontier" in csv_lines[0]
+    again = write_report(tmp_path, ROWS)
+    assert {p.name: p.read_bytes() for p in again.files} == first
+
+
+def test_compare_matches_points_by_operator_and_schedule():
+    other = [dict(r, top1=r["top1"] + 1.0, model_only_img_s=r["model_only_img_s"] * 2) for r in ROWS[:4]]
+    cmp = compare(results_frame(ROWS), results_frame(other))
+    assert len(cmp) == len(ROWS)
+    topk = cmp[(cmp["op"] == "topk") & (cmp["schedule"] == "keep=0.7@3,6,9")].iloc[0]
+    assert topk["delta_top1"] == pytest.approx(1.0) and topk["speed_ratio"] == pytest.approx(2.0)
+    assert cmp[cmp["op"] == "grid"]["top1_b"].isna().all()
+
+
+def test_store_recovers_a_truncated_last_line(tmp_path):
+    logged = []
+    store = ResultsStore(tmp_path / "results.jsonl", logged.append)
+    for r in ROWS[:3]:
+        store.append(r)
+    with open(store.path, "ab") as fh:
+        fh.write(json.dumps(ROWS[3]).encode()[:40])  # killed while writing
+    rows = store.read()
+    assert [r["key"] for r in rows] == [r["key"] for r in ROWS[:3]]
+    assert "truncated last line" in logged[0]
+    assert store.path.read_bytes().endswith(b"\n")
+    store.append(ROWS[3])
+    assert [r["key"] for r in store.read()] == [r["key"] for r in ROWS[:4]] and len(logged) == 1
+
+
+def test_store_drops_bad_lines_and_duplicates(tmp_path):
+    logged = []
+    store = ResultsStore(tmp_path / "results.jsonl", logged.append)
+    store.append(ROWS[0])
+    with open(store.path, "ab") as fh:
+        fh.write(b"{not json\n")
+    store.append(ROWS[1])
+    store.append(ROWS[1])
+    with open(store.path, "ab") as fh:
+        fh.write(b'{"half": \n')  # an unreadable last line (newline included)
+    rows = store.read()
+    assert [r["key"] for r in rows] == [ROWS[0]["key"], ROWS[1]["key"]]
+    assert any("line 2 is not a JSON object" in m for m in logged)
+    assert any("repeats point" in m for m in logged) and any("unreadable last line" in m for m in logged)
+    assert store.path.read_bytes().count(b"\n") == 4  # the bad middle line stays, the bad last line is cut
+    assert ResultsStore(tmp_path / "missing.jsonl").read() == []

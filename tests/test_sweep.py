@@ -1,0 +1,190 @@
+"""`tpool pareto` / `tpool report` for real: a sweep killed with SIGKILL resumes to the same results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from imagefolders import CKPT_MODEL, one_thread, random_checkpoint, small_label_space  # noqa: F401 (autouse)
+from tpool_cli.cli import main
+from tpool_cli.data import scan_folder
+from tpool_cli.evaluate import evaluate
+from tpool_cli.models import load_model
+from tpool_cli.sweep import ResultsStore, plan_points, run_sweep
+
+OPS, KEEPS, LIMIT = "topk,grid,random", "0.9,0.7,0.5", 12
+N_POINTS = 1 + 3 * 3
+SAME = ("key", "op", "schedule", "top1", "top5", "correct1", "correct5", "images", "skipped", "gmacs", "patch_tokens", "weights_sha256", "data_fingerprint")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data, class_map = small_label_space(root)
+    return {"data": data, "class_map": class_map, "ckpt": random_checkpoint(root / "random64.safetensors", img_size=64, classes=10)}
+
+
+def pareto_args(setup, out) -> list[str]:
+    return [
+        "pareto", "--model", CKPT_MODEL, "--img-size", "64", "--weights", str(setup["ckpt"]), "--data", str(setup["data"]),
+        "--class-map", str(setup["class_map"]), "--ops", OPS, "--keep", KEEPS, "--limit", str(LIMIT), "-j", "0", "-b", "4", "--out", str(out),
+    ]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200", **extra}
+
+
+def reference_sweep(setup, out, **kwargs):
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    points = plan_points(OPS.split(","), [float(k) for k in KEEPS.split(",")])
+    logged: list[str] = []
+    result = run_sweep(loaded, setup["data"], points, out, class_map=setup["class_map"], limit=LIMIT, batch_size=4, workers=0, log=logged.append, **kwargs)
+    return loaded, points, result, logged
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_plan_has_the_baseline_first_and_no_identity_points():
+    points = plan_points(["topk", "grid", "topk"], [1.0, 0.7, 0.7])
+    assert points[0].is_baseline
+    assert [(p.operator.name, p.schedule.keep) for p in points[1:]] == [("topk", 0.7), ("grid", 0.7)]
+
+
+def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tpool_cli", *pareto_args(setup, out)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    done_before = ResultsStore(results, lambda m: None).read()
+    assert 2 <= len(done_before) < N_POINTS
+
+    summary = tmp_path / "summary.md"
+    rerun = subprocess.run([sys.executable, "-m", "tpool_cli", *pareto_args(setup, out)], env=env(GITHUB_STEP_SUMMARY=str(summary)),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"reused {len(done_before)} point(s)" in rerun.stderr
+    assert "Pareto frontier" in rerun.stdout
+    rows = lines(results)
+    assert len(rows) == N_POINTS and len({r["key"] for r in rows}) == N_POINTS
+    assert "# Pareto sweep" in summary.read_text()
+
+    # the same sweep uninterrupted, in this process, with the images cached on disk instead of in memory
+    _, _, reference, _ = reference_sweep(setup, tmp_path / "reference", cache="disk")
+    assert reference.evaluated == N_POINTS and reference.cache_storage.startswith("mmap:")
+    by_key = {r["key"]: r for r in rows}
+    for ref in reference.rows:
+        assert {k: by_key[ref["key"]][k] for k in SAME} == {k: ref[k] for k in SAME}
+
+    # tpool report rebuilds the very same files from results.jsonl
+    produced = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "results.jsonl"}
+    assert set(produced) >= {"results.csv", "pareto.md", "top1_vs_gmacs.png", "top1_vs_gmacs.svg", "top1_vs_speed.png", "top1_vs_speed.svg"}
+    for name in produced:
+        (out / name).unlink()
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(out)])
+    assert info.value.code == 0
+    assert {name: (out / name).read_bytes() for name in produced} == produced
+
+    # two result folders side by side
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(out), str(tmp_path / "reference"), "-f", "json"])
+    assert info.value.code == 0
+
+
+def test_corrupted_last_line_is_recovered_and_only_that_point_rerun(setup, tmp_path):
+    out = tmp_path / "out"
+    _, points, first, _ = reference_sweep(setup, out)
+    assert first.evaluated == N_POINTS
+    path = out / "results.jsonl"
+    data = path.read_bytes()
+    last = data.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    path.write_bytes(data[: len(data) - len(last) - 1] + last[: len(last) // 2])  # killed while writing the last point
+    _, _, again, logged = reference_sweep(setup, out)
+    assert again.evaluated == 1 and again.reused == N_POINTS - 1
+    assert any("truncated last line" in m for m in logged)
+    rows = lines(path)
+    assert len(rows) == N_POINTS and len({r["key"] for r in rows}) == N_POINTS
+    assert {r["key"]: r["top1"] for r in rows} == {r["key"]: r["top1"] for r in first.rows}
+
+
+def test_other_configurations_are_never_reused(setup, tmp_path):
+    out = tmp_path / "out"
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    points = plan_points(["topk"], [0.5])
+    a = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, workers=0, class_map=setup["class_map"])
+    b = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"])  # other data: other fingerprint
+    c = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, workers=0, seed=1, class_map=setup["class_map"])  # other operator seed
+    assert (a.evaluated, b.evaluated) == (2, 2)
+    assert (c.evaluated, c.reused) == (1, 1)  # the baseline does not depend on the operator's seed
+    assert len(lines(out / "results.jsonl")) == 5
+    d = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"])
+    assert (d.evaluated, d.reused) == (0, 2)
+    e = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"], resume=False)
+    assert (e.evaluated, e.reused) == (2, 0)
+    assert len(lines(out / "results.jsonl.old")) == 5 and len(lines(out / "results.jsonl")) == 2
+
+
+def test_cached_sweep_top1_equals_uncached_evaluation_for_every_point(setup, tmp_path):
+    loaded, points, result, _ = reference_sweep(setup, tmp_path / "out")
+    folder = scan_folder(setup["data"], class_map=setup["class_map"], limit=LIMIT)
+    by_point = {r["point"]: r for r in result.rows}
+    assert len(by_point) == N_POINTS
+    for point in points:
+        point.apply(loaded.model)
+        uncached = evaluate(loaded, folder, batch_size=4, workers=0, count=False)
+        row = by_point[point.label(len(loaded.model.blocks))]
+        assert (uncached.correct1, uncached.correct5, uncached.images) == (row["correct1"], row["correct5"], row["images"]), point.label(12)
+        assert round(uncached.top5, 4) == row["top5"]
+    assert len({(r["top1"], r["top5"]) for r in result.rows}) > 1  # the operators change the predictions
+
+
+def test_fail_below_exit_codes(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    reference_sweep(setup, out)
+    top1 = {r["op"] + "@" + str(r["keep"]): r["top1"] for r in lines(out / "results.jsonl")}
+
+    def report(*gates: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as info:
+            main(["report", str(out), *[a for g in gates for a in ("--fail-below", g)]])
+        return info.value.code, capsys.readouterr().err
+
+    assert report(f"topk@0.7={top1['topk@0.7']}", f"none@1={top1['none@1.0']}")[0] == 0
+    code, err = report(f"topk@0.7={top1['topk@0.7'] + 0.01}")
+    assert code == 1 and "fail-below" in err
+    code, err = report("evit@0.7=1")
+    assert code == 1 and "no point evit" in err
+    code, err = report("topk=0.7")
+    assert code == 2 and "OP@KEEP=TOP1" in err
+
+
+def test_pareto_errors_are_one_line(setup, tmp_path, capsys):
+    for extra, message in [
+        (["--keep", "0.7", "--tokens", "40,20,10"], "not both"),
+        (["--cache", "gpu"], "--cache must be"),
+        (["--fail-below", "bad"], "OP@KEEP=TOP1"),
+        (["--ops", "nope"], "unknown operator"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main([*pareto_args(setup, tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path / "nothing")])
+    assert info.value.code == 2 and "no results.jsonl" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""`tpool evaluate`: top-1/top-5 and throughput of one configuration on an ImageNet-style folder."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..cli import app
+from ..cli_options import (
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, ModelOpt, OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
+)
+from ..errors import TpoolError
+from ..output import check_format, emit, make_table, stderr
+
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (--random-init): accuracy is meaningless, throughput and GMACs are real"
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = "deit_small_patch16_224",
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    data: DataOpt = None,
+    class_map: ClassMapOpt = None,
+    op: OpsOpt = "none",
+    keep: KeepOpt = None,
+    layers: LayersOpt = None,
+    tokens: TokensOpt = None,
+    img_size: ImgSizeOpt = None,
+    prop_attn: PropAttnOpt = False,
+    seed: SeedOpt = 0,
+    score: ScoreOpt = None,
+    iters: ItersOpt = None,
+    init: InitOpt = None,
+    features: FeaturesOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = None,
+    limit: LimitOpt = None,
+    compile: CompileOpt = False,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
+    from ..data import resolve_data, scan_folder
+    from ..evaluate import evaluate as run_evaluate
+    from ..evaluate import resolve_amp, resolve_device
+    from ..flops import count_flops
+    from ..models import load_model
+    from ..patch import patch
+    from ..profile import build_configs
+    from ..progress import image_progress
+
+    check_format(fmt)
+    dev = resolve_device(device)
+    resolve_amp(amp, dev)
+    names = split_names(op) or ["none"]
+    if len(names) > 1:
+        raise TpoolError(f"evaluate runs one operator, got {len(names)} ({op}); `tpool pareto --ops` sweeps several")
+    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    if keeps is not None and len(keeps) > 1:
+        raise TpoolError(f"evaluate runs one keep rate, got {keep}; `tpool pareto --keep` sweeps several")
+    configs = build_configs(names, keeps, layer_list, token_list, **op_options(score=score, iters=iters, init=init, features=features))
+    root, cmap = resolve_data(data, class_map)
+    folder = scan_folder(root, class_map=cmap, limit=limit)
+
+    if random_init:
+        torch.manual_seed(seed)  # the same random weights on every run, so results are reproducible
+    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
+    if random_init:
+        loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
+    baseline_gmacs = count_flops(loaded.model).total
+    if configs:
+        operator, schedule = configs[0]
+        patch(loaded.model, operator, schedule=schedule, prop_attn=prop_attn, seed=seed)
+    if random_init:
+        stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
+
+    with image_progress(f"{model} {names[0]}", len(folder)) as advance:
+        result = run_evaluate(
+            loaded, folder, device=dev, amp=amp, batch_size=batch_size, workers=workers, compile=compile, progress=advance
+        )
+
+    row = result.row()
+    row["baseline_gmacs"] = round(baseline_gmacs, 6)
+    row["reduction_pct"] = round(100.0 * (1.0 - row["gmacs"] / baseline_gmacs), 3)
+    if result.skipped:
+        shown = ", ".join(s["path"] for s in result.skipped[:3]) + (" ..." if len(result.skipped) > 3 else "")
+        stderr.print(f"[yellow]skipped {len(result.skipped)} unreadable file(s):[/yellow] {shown}", highlight=False)
+    if result.interrupted:
+        stderr.print(f"[yellow]interrupted:[/yellow] results cover {result.images} of {result.files} files")
+    csv_row = {k: v for k, v in row.items() if k != "skipped_files"}
+    csv_row["skipped_files"] = [s["path"] for s in result.skipped]
+    emit(row, [csv_row], fmt, output, [_table(row)])
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(row: dict[str, Any]):
+    lines = [
+        ("top-1 %", _fmt(row["top1"])),
+        ("top-5 %", _fmt(row["top5"])),
+        ("images", f"{row['images']:,} of {row['files']:,} files" + (" (interrupted)" if row["interrupted"] else "")),
+        ("skipped (unreadable)", str(row["skipped"])),
+        ("GMACs / image", f"{row['gmacs']:.4f} ({row['reduction_pct']:.1f}% below the baseline {row['baseline_gmacs']:.4f})"),
+        ("patch tokens per block", "→".join(map(str, _path(row["patch_tokens"])))),
+        ("model-only img/s", _fmt(row["model_only_img_s"], 1)),
+        ("end-to-end img/s", _fmt(row["end_to_end_img_s"], 1)),
+    ]
+    if row["compile_s"] is not None:
+        lines.append(("compile time s", _fmt(row["compile_s"])))
+    weights = row["weights"] + (f" (sha256 {row['weights_sha256'][:12]})" if row["weights_sha256"] else "")
+    table = make_table(f"{row['op']} {row['schedule']}", ["metric", "value"], lines)
+    table.columns[1].justify = "left"
+    table.add_section()
+    config = [
+        ("model", f"{row['model']} @ {row['img_size']}px"),
+        ("weights", weights),
+        ("device", f"{row['device_name']}, {row['dtype']}, batch {row['batch_size']}" + (", compiled" if row["compile"] else "")),
+        ("data", f"{row['data']} ({row['label_space']})"),
+        ("versions", f"torch {row['torch']}, timm {row['timm']}"),
+    ]
+    if row["random_init"]:
+        config.insert(0, ("[bold red]note[/bold red]", f"[bold red]{RANDOM_WEIGHTS_NOTE}[/bold red]"))
+    for name, value in config:
+        table.add_row(name, value)
+    return table
+
+
+def _path(counts: list[int]) -> list[int]:
+    """64,64,44,44,30 -> 64,44,30: the token counts where they change."""
+    out = counts[:1]
+    for c in counts[1:]:
+        if c != out[-1]:
+            out.append(c)
+    return out

@@ -1,0 +1,116 @@
+"""`tpool pareto`: operators x keep rates on one model and data set, decoded once, resumable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from ..cli import app
+from ..cli_options import (
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, ModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
+)
+from ..errors import TpoolError
+from ..output import check_format, stderr
+
+FailBelowOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--fail-below", help="OP@KEEP=TOP1: exit 1 if that point's top-1 is below TOP1 (repeatable)."),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip points already in OUT/results.jsonl.")]
+CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, memory, or disk (memory-mapped under OUT/cache).")]
+
+
+@app.command()
+def pareto(
+    model: ModelOpt = "deit_small_patch16_224",
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    data: DataOpt = None,
+    class_map: ClassMapOpt = None,
+    ops: OpsOpt = "topk,grid,random",
+    keep: KeepOpt = None,
+    layers: LayersOpt = None,
+    tokens: TokensOpt = None,
+    img_size: ImgSizeOpt = None,
+    prop_attn: PropAttnOpt = False,
+    seed: SeedOpt = 0,
+    score: ScoreOpt = None,
+    iters: ItersOpt = None,
+    init: InitOpt = None,
+    features: FeaturesOpt = None,
+    out: OutDirOpt = Path("runs/pareto"),
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = None,
+    limit: LimitOpt = None,
+    compile: CompileOpt = False,
+    resume: ResumeOpt = True,
+    cache: CacheOpt = "auto",
+    fail_below: FailBelowOpt = None,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
+    from ..data import resolve_data, scan_folder
+    from ..evaluate import resolve_amp, resolve_device
+    from ..models import load_model
+    from ..progress import RichSweepProgress
+    from ..report import parse_gate
+    from ..schedule import parse_float_list, parse_int_list
+    from ..sweep import DEFAULT_KEEPS, plan_points, run_sweep
+    from .report import finish_report
+
+    check_format(fmt)
+    if cache not in ("auto", "memory", "disk"):
+        raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
+    gates = [parse_gate(g) for g in fail_below or []]
+    dev = resolve_device(device)
+    resolve_amp(amp, dev)
+    token_list = parse_int_list(tokens, "--tokens")
+    if token_list is not None and keep is not None:
+        raise TpoolError("give --keep or --tokens, not both")
+    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list is not None else DEFAULT_KEEPS)
+    points = plan_points(
+        split_names(ops), keeps, parse_int_list(layers, "--layers"), token_list,
+        **op_options(score=score, iters=iters, init=init, features=features),
+    )
+    root, cmap = resolve_data(data, class_map)
+    folder = scan_folder(root, class_map=cmap, limit=limit)
+    if random_init:
+        torch.manual_seed(seed)  # the same random weights on every run, so a resumed sweep stays consistent
+    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
+    if random_init:
+        loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
+    if random_init:
+        stderr.print("[yellow]warning:[/yellow] RANDOM WEIGHTS (--random-init): accuracy is meaningless, throughput and GMACs are real")
+    stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
+
+    with RichSweepProgress() as progress:
+        result = run_sweep(
+            loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
+            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, progress=progress,
+        )
+    if result.reused:
+        stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")
+    if result.skipped_files:
+        stderr.print(f"[yellow]skipped {len(result.skipped_files)} unreadable file(s)[/yellow], e.g. {result.skipped_files[0]['path']}")
+    if result.interrupted:
+        stderr.print(f"[yellow]interrupted:[/yellow] {len(result.rows)} of {result.planned} points done; rerun the same command to resume")
+    if not any(r["op"] == "none" for r in result.rows):
+        sys.exit(130 if result.interrupted else 1)
+    code = finish_report(out, result.rows, fmt, gates)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as fh:
+            fh.write((out / "pareto.md").read_text() + "\n")
+    if result.interrupted:
+        sys.exit(130)
+    if code:
+        sys.exit(code)

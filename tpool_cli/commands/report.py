@@ -1,0 +1,87 @@
+"""`tpool report`: rebuild a sweep's tables and plots from results.jsonl, or compare two sweeps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional, Sequence
+
+import typer
+
+from ..cli import app
+from ..cli_options import FormatOpt, OutputOpt
+from ..errors import TpoolError
+from ..output import check_format, emit, make_table, stderr, stdout, to_csv, to_json
+
+FailBelowOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--fail-below", help="OP@KEEP=TOP1: exit 1 if that point's top-1 is below TOP1 (repeatable)."),
+]
+
+
+@app.command()
+def report(
+    folders: Annotated[list[Path], typer.Argument(help="A sweep's --out folder; two folders: compare them side by side.")],
+    fail_below: FailBelowOpt = None,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Rebuild results.csv, pareto.md and the plots of a sweep from its results.jsonl (no evaluation)."""
+    from ..report import load_rows, parse_gate
+
+    check_format(fmt)
+    gates = [parse_gate(g) for g in fail_below or []]
+    if len(folders) == 1:
+        if output is not None:
+            raise TpoolError("--output is for comparisons (tpool report A B); one folder is rebuilt in place")
+        code = finish_report(folders[0], load_rows(folders[0]), fmt, gates)
+        sys.exit(code)
+    if len(folders) != 2:
+        raise TpoolError(f"tpool report takes one folder (rebuild) or two (compare), got {len(folders)}")
+    if gates:
+        raise TpoolError("--fail-below applies to one folder; run it on each")
+    _compare(folders[0], folders[1], fmt, output)
+
+
+def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence) -> int:
+    """Write the files, print the frontier (or all points as JSON/CSV), check the gates: exit code."""
+    from ..report import check_gates, frontier_rich_table, write_report
+
+    rep = write_report(out, rows)
+    df = rep.frame
+    b = df[df["op"] == "none"].iloc[0]
+    if fmt == "json":
+        sys.stdout.write(to_json({"out": str(out), "points": rows, "frontier": df[df["frontier"]]["key"].tolist()}))
+    elif fmt == "csv":
+        sys.stdout.write(to_csv(rows))
+    else:
+        title = f"Pareto frontier (top-1 vs GMACs): {b['model']} @ {b['img_size']}px, {int(b['images'])} images, {b['dtype']} on {b['device_name']}"
+        stdout.print(frontier_rich_table(df, title))
+    stderr.print(f"wrote {', '.join(p.name for p in rep.files)} in {out}", highlight=False)
+    failures = check_gates(df, gates)
+    for message in failures:
+        stderr.print(f"[red]fail-below:[/red] {message}", highlight=False)
+    if gates and not failures:
+        stderr.print(f"[green]all {len(gates)} --fail-below gate(s) passed[/green]")
+    return 1 if failures else 0
+
+
+def _compare(a: Path, b: Path, fmt: str, output: Optional[Path]) -> None:
+    from ..report import compare, load_rows, results_frame
+
+    names = (a.name, b.name) if a.name != b.name else (str(a), str(b))
+    table_df = compare(results_frame(load_rows(a)), results_frame(load_rows(b)))
+    rows = [{k: (None if v != v else v) for k, v in r.items()} for r in table_df.to_dict("records")]  # NaN -> None
+
+    def cell(v: Any, digits: int = 2) -> str:
+        return "—" if v is None else (f"{v:,.{digits}f}" if isinstance(v, float) else str(v))
+
+    lines = [
+        (r["op"], r["schedule"], cell(r["gmacs_a"], 4), cell(r["gmacs_b"], 4), cell(r["top1_a"]), cell(r["top1_b"]),
+         cell(r["delta_top1"]), cell(r["model_only_img_s_a"], 0), cell(r["model_only_img_s_b"], 0), cell(r["speed_ratio"], 3))
+        for r in rows
+    ]
+    headers = ["op", "schedule", f"GMACs {names[0]}", f"GMACs {names[1]}", f"top-1 {names[0]}", f"top-1 {names[1]}",
+               "Δ top-1 (B-A)", f"img/s {names[0]}", f"img/s {names[1]}", "speed B/A"]
+    table = make_table(f"{names[0]} (A) vs {names[1]} (B)", headers, lines)
+    emit({"a": str(a), "b": str(b), "points": rows}, rows, fmt, output, [table])

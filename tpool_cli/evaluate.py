@@ -1,0 +1,361 @@
+"""`tpool evaluate` as a library: top-1/top-5 and throughput of a (patched) model on an image folder.
+
+    from tpool_cli.models import load_model
+    from tpool_cli.patch import patch
+    from tpool_cli.evaluate import evaluate
+
+    loaded = load_model("deit_small_patch16_224", weights="deit_s.safetensors")
+    patch(loaded.model, "topk", keep=0.7)
+    result = evaluate(loaded, "imagenet/val", limit=5000)
+    print(result.top1, result.model_only_ips, result.row())
+
+Two throughputs, because they answer different questions:
+
+* **model-only** img/s: the forward pass alone. Each batch is decoded, copied to the device and
+  normalised first; then the device is synchronised, the forward pass timed, and the device
+  synchronised again. The first batch (warm-up: kernel selection, lazy init) and partial batches
+  are left out when there are full batches to time.
+* **end-to-end** img/s: images / wall time of the whole loop (reading, decoding, copying,
+  normalising, forward, scoring), what a user waits for.
+
+The data can be a folder (decoded per batch by DataLoader workers) or a :class:`DecodedImages`
+cache (decoded once, possibly already on the device): both feed the model the same uint8
+pixels normalised on the device, so they give identical predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .data import (
+    DecodedImages, Decoder, ImageFolder, ProgressFn, data_config, folder_loader, normalize, scan_folder,
+)
+from .errors import TpoolError
+from .models import LoadedModel
+
+AMP_CHOICES = ("bf16", "fp16", "none")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for CUDA without it is the user's mistake."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise TpoolError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu or --device auto"
+            )
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TpoolError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise TpoolError(f"unknown device {name!r}; choose auto, cuda (or cuda:N) or cpu")
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 by default on CUDA, none (fp32) on CPU."""
+    if amp is None:
+        amp = "bf16" if device.type == "cuda" else "none"
+    amp = {"fp32": "none", "float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(amp.lower(), amp.lower())
+    if amp not in _AMP_DTYPES:
+        raise TpoolError(f"unknown --amp {amp!r}; choose {', '.join(AMP_CHOICES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise TpoolError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or none")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TpoolError("this GPU does not support bf16; use --amp fp16 or none")
+    return _AMP_DTYPES[amp]
+
+
+def dtype_label(amp_dtype: Optional[torch.dtype]) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def versions() -> dict[str, str]:
+    """Library versions a result depends on."""
+    import timm
+    from importlib import metadata
+
+    try:
+        tpool = metadata.version("tpool")
+    except metadata.PackageNotFoundError:
+        tpool = "unknown"
+    return {"torch": torch.__version__, "timm": timm.__version__, "tpool": tpool}
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and speed of one configuration on one data set, with that configuration."""
+
+    top1: float  # percent of evaluated images
+    top5: float
+    images: int  # evaluated (decoded) images
+    files: int  # files planned (evaluated + skipped + not reached when interrupted)
+    correct1: int
+    correct5: int
+    skipped: list[dict[str, str]]  # {"path": relative path, "reason": ...}
+    model_only_ips: Optional[float]
+    end_to_end_ips: Optional[float]
+    eval_seconds: float
+    model_seconds: float  # summed synchronised forward time of the timed batches
+    timed_images: int  # images in the timed batches
+    compile_seconds: Optional[float]
+    interrupted: bool
+    config: dict[str, Any] = field(default_factory=dict)
+    predictions: Optional[torch.Tensor] = None  # top-1 class per evaluated image (keep_predictions)
+    prediction_indices: Optional[torch.Tensor] = None  # sample index of each prediction
+
+    def row(self, skipped_paths: bool = True) -> dict[str, Any]:
+        """The configuration and the measurements as one JSON-able row."""
+        row = dict(self.config)
+        row.update(
+            top1=round(self.top1, 4),
+            top5=round(self.top5, 4),
+            images=self.images,
+            correct1=self.correct1,
+            correct5=self.correct5,
+            skipped=len(self.skipped),
+            model_only_img_s=round(self.model_only_ips, 2) if self.model_only_ips else None,
+            end_to_end_img_s=round(self.end_to_end_ips, 2) if self.end_to_end_ips else None,
+            eval_s=round(self.eval_seconds, 3),
+            compile_s=round(self.compile_seconds, 3) if self.compile_seconds is not None else None,
+            interrupted=self.interrupted,
+        )
+        if skipped_paths:
+            row["skipped_files"] = self.skipped
+        return row
+
+
+def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict[str, Any]:
+    """Model, weights and (when patched) operator + schedule, read from the model itself."""
+    from .schedule import Schedule
+
+    name = loaded.name if loaded else (getattr(model, "pretrained_cfg", {}) or {}).get("architecture", type(model).__name__)
+    operator = getattr(model, "tpool_operator", None)
+    schedule: Optional[Schedule] = getattr(model, "tpool_schedule", None)
+    state = getattr(model, "tpool_state", None)
+    depth = len(getattr(model, "blocks", []))
+    reduces = operator is not None and operator.name != "none" and schedule is not None and not schedule.is_identity
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return {
+        "model": name,
+        "weights": loaded.weights if loaded else "unknown (nn.Module given)",
+        "weights_sha256": loaded.weights_sha256 if loaded else None,
+        "random_init": bool(loaded and not loaded.pretrained),
+        "op": operator.label() if reduces else "none",
+        "op_options": operator.options() if reduces else {},
+        "keep": (schedule.keep if schedule.keep is not None else None) if reduces else 1.0,
+        "layers": list(schedule.reduction_layers(depth)) if reduces else [],
+        "tokens": list(schedule.tokens) if reduces and schedule.tokens else None,
+        "schedule": schedule.describe(depth) if reduces else "baseline",
+        "prop_attn": bool(state.prop_attn) if reduces else False,
+        "seed": int(state.seed) if reduces else 0,
+        "img_size": int(size[0]) if size is not None else None,
+        "num_classes": int(getattr(model, "num_classes", 0)),
+    }
+
+
+def _folder_batches(
+    folder: ImageFolder, cfg: dict[str, Any], batch_size: int, workers: Optional[int], device: torch.device
+) -> Iterator[tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, list[dict[str, str]], int]]:
+    """(uint8 images on device, labels on device, sample indices, skipped, files in batch)."""
+    labels = torch.tensor([s.label for s in folder.samples], dtype=torch.long)
+    pin = device.type == "cuda"
+    for images, indices, bad in folder_loader(folder, Decoder(cfg), batch_size, workers, pin_memory=pin):
+        skipped = [{"path": folder.samples[i].rel, "reason": reason} for i, reason in bad]
+        if images is None:
+            yield None, None, indices, skipped, len(bad)
+            continue
+        y = labels[indices]
+        if pin:
+            y = y.pin_memory()
+        yield images.to(device, non_blocking=pin), y.to(device, non_blocking=pin), indices, skipped, len(indices) + len(bad)
+
+
+def _cached_batches(cache: DecodedImages, batch_size: int, device: torch.device):
+    """Slices of the decode-once cache; copied to the device per batch only if it is not there."""
+    n = len(cache)
+    if cache.skipped:
+        yield None, None, torch.empty(0, dtype=torch.long), list(cache.skipped), len(cache.skipped)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        x, y = cache.images[start:stop], cache.labels[start:stop]
+        if x.device != device:
+            x, y = x.to(device), y.to(device)
+        yield x, y, cache.sample_indices[start:stop], [], stop - start
+
+
+def _model_only(timings: list[tuple[int, float]], batch_size: int) -> tuple[Optional[float], int, float]:
+    """(img/s, images, seconds) over the batches that represent steady state.
+
+    Leaves out the first batch (warm-up) and partial batches whenever full batches remain; with
+    a single batch it is all there is.
+    """
+    steady = [t for i, t in enumerate(timings) if i > 0 and t[0] == batch_size]
+    if not steady:
+        steady = timings[1:] or timings[:1]
+    images = sum(n for n, _ in steady)
+    seconds = sum(dt for _, dt in steady)
+    return (images / seconds if seconds > 0 else None), images, seconds
+
+
+def evaluate(
+    model: nn.Module | LoadedModel,
+    data: str | Path | ImageFolder | DecodedImages,
+    *,
+    class_map: Optional[str | Path] = None,
+    device: str | torch.device = "auto",
+    amp: Optional[str] = None,
+    batch_size: int = 64,
+    workers: Optional[int] = None,
+    limit: Optional[int] = None,
+    compile: bool = False,
+    count: bool = True,
+    progress: Optional[ProgressFn] = None,
+    keep_predictions: bool = False,
+) -> EvalResult:
+    """Top-1/top-5, images/s and the full configuration of ``model`` (patched or not) on ``data``.
+
+    ``data``: a folder path (scanned with ``class_map``/``limit``), a scanned :class:`ImageFolder`,
+    or a :class:`DecodedImages` cache. ``count`` adds fvcore GMACs per image of the configuration.
+    Ctrl-C (KeyboardInterrupt) during the loop stops it and returns what was done with
+    ``interrupted=True``. ``keep_predictions`` keeps the top-1 class of every image.
+    """
+    loaded = model if isinstance(model, LoadedModel) else None
+    net: nn.Module = loaded.model if loaded else model  # type: ignore[assignment]
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    if batch_size < 1:
+        raise TpoolError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise TpoolError(f"--workers must be >= 0, got {workers}")
+
+    cfg = data_config(net)
+    if isinstance(data, DecodedImages):
+        folder, cache = data.folder, data
+        if data.cfg != cfg:
+            raise TpoolError(f"the decoded images were preprocessed for {data.cfg['input_size']} input, the model needs {cfg['input_size']}")
+    else:
+        folder = data if isinstance(data, ImageFolder) else scan_folder(data, class_map=class_map, limit=limit)
+        cache = None
+    num_classes = int(getattr(net, "num_classes", 0) or 0)
+    if num_classes and folder.max_label >= num_classes:
+        worst = max(folder.classes, key=lambda name: folder.classes[name])
+        raise TpoolError(
+            f"class folder {worst!r} maps to class index {folder.max_label} ({folder.label_space}), "
+            f"but the model has {num_classes} classes; pass --class-map FILE for its label space"
+        )
+
+    net.eval().to(dev)
+    config = model_config(net, loaded)
+    if count:
+        from .flops import count_flops
+
+        report = count_flops(net)
+        config["gmacs"] = round(report.total, 6)
+        config["patch_tokens"] = [report.layers[0].tokens_in] + [layer.tokens_out for layer in report.layers]
+    config.update(
+        device=dev.type,
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        dtype=dtype_label(amp_dtype),
+        batch_size=batch_size,
+        compile=compile,
+        data=str(folder.root),
+        label_space=folder.label_space,
+        files=len(folder),
+        limit=folder.limit,
+        **versions(),
+    )
+
+    forward = torch.compile(net, dynamic=False) if compile else net
+    compile_seconds: Optional[float] = None
+    mean, std = cfg["mean"], cfg["std"]
+    k5 = min(5, num_classes or 5)
+    correct1 = torch.zeros((), dtype=torch.long, device=dev)
+    correct5 = torch.zeros((), dtype=torch.long, device=dev)
+    images = 0
+    skipped: list[dict[str, str]] = []
+    timings: list[tuple[int, float]] = []
+    preds: list[torch.Tensor] = []
+    pred_idx: list[torch.Tensor] = []
+    interrupted = False
+
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            source = (
+                _cached_batches(cache.to(dev), batch_size, dev) if cache is not None
+                else _folder_batches(folder, cfg, batch_size, workers, dev)
+            )
+            for x, y, indices, bad, n_files in source:
+                skipped += bad
+                if x is not None:
+                    inp = normalize(x, mean, std)
+                    n = int(x.shape[0])
+                    if compile and n < batch_size:  # one input shape: a partial batch would recompile
+                        inp = torch.cat([inp, inp.new_zeros((batch_size - n, *inp.shape[1:]))])
+                    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        if compile and compile_seconds is None:
+                            _sync(dev)
+                            t0 = time.perf_counter()
+                            forward(inp)  # compiles; timed apart and left out of both throughputs
+                            _sync(dev)
+                            compile_seconds = time.perf_counter() - t0
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        logits = forward(inp)[:n]
+                        _sync(dev)
+                        timings.append((n, time.perf_counter() - t0))
+                    top = logits.float().topk(k5, dim=1).indices
+                    correct1 += (top[:, 0] == y).sum()
+                    correct5 += (top == y[:, None]).any(dim=1).sum()
+                    images += n
+                    if keep_predictions:
+                        preds.append(top[:, 0].cpu())
+                        pred_idx.append(indices.cpu())
+                if progress is not None:
+                    progress(n_files)
+    except KeyboardInterrupt:
+        interrupted = True
+    _sync(dev)
+    elapsed = time.perf_counter() - start - (compile_seconds or 0.0)
+
+    if images == 0 and not interrupted:
+        first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise TpoolError(f"none of the {len(folder)} files under {folder.root} could be decoded as an image{first}")
+    c1, c5 = int(correct1.item()), int(correct5.item())
+    model_ips, timed_images, model_seconds = _model_only(timings, batch_size)
+    return EvalResult(
+        top1=100.0 * c1 / images if images else float("nan"),
+        top5=100.0 * c5 / images if images else float("nan"),
+        images=images,
+        files=len(folder),
+        correct1=c1,
+        correct5=c5,
+        skipped=skipped,
+        model_only_ips=model_ips,
+        end_to_end_ips=images / elapsed if images and elapsed > 0 else None,
+        eval_seconds=elapsed,
+        model_seconds=model_seconds,
+        timed_images=timed_images,
+        compile_seconds=compile_seconds,
+        interrupted=interrupted,
+        config=config,
+        predictions=torch.cat(preds) if preds else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
+        prediction_indices=torch.cat(pred_idx) if pred_idx else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
+    )

@@ -1,0 +1,347 @@
+"""Tables, Markdown and plots of a sweep, rebuilt from ``results.jsonl`` alone.
+
+Everything here is a function of result rows (the dicts :mod:`tpool_cli.sweep` appends), so
+``tpool report OUT`` reproduces byte for byte what ``tpool pareto`` wrote. The Pareto frontier is
+the pure function :func:`frontier_mask`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+from .errors import TpoolError
+from .output import write_text
+
+DROPS = (0.5, 1.0, 2.0)  # top-1 points the "GMACs saved" table allows to lose
+RUN_FIELDS = ("model", "weights_sha256", "weights", "data_fingerprint", "img_size", "dtype", "device")
+PLOTS = ("top1_vs_gmacs", "top1_vs_speed")
+
+
+def frontier_mask(costs: Sequence[float], values: Sequence[float]) -> list[bool]:
+    """Which points are Pareto-optimal when lower cost and higher value are better.
+
+    A point is on the frontier unless another point is at least as good in both and strictly
+    better in one. Ties: points with identical (cost, value) do not dominate each other, so
+    duplicates of a frontier point are all on it. NaN/None in either coordinate: never on it.
+    """
+    if len(costs) != len(values):
+        raise ValueError("costs and values differ in length")
+    valid = [c is not None and v is not None and not (math.isnan(c) or math.isnan(v)) for c, v in zip(costs, values)]
+    order = sorted((i for i in range(len(costs)) if valid[i]), key=lambda i: (costs[i], -values[i]))
+    mask = [False] * len(costs)
+    best = -math.inf  # best value among strictly cheaper points
+    i = 0
+    while i < len(order):
+        # a group of equal cost: only its best value can be optimal, and only if it beats `best`
+        j = i
+        while j < len(order) and costs[order[j]] == costs[order[i]]:
+            j += 1
+        top = values[order[i]]
+        if top > best:
+            for k in order[i:j]:
+                mask[k] = values[k] == top
+            best = top
+        i = j
+    return mask
+
+
+def run_id(row: dict[str, Any]) -> tuple:
+    """What makes rows comparable: same model, weights, data, resolution, dtype, device."""
+    return tuple(row.get(k) for k in RUN_FIELDS)
+
+
+def select_run(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the most recent run configuration (and how many others were left out)."""
+    if not rows:
+        return [], 0
+    current = run_id(rows[-1])
+    kept = [r for r in rows if run_id(r) == current]
+    return kept, len(rows) - len(kept)
+
+
+def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
+    """Rows of ``out/results.jsonl`` (truncated last line recovered), current configuration only."""
+    from .sweep import RESULTS_FILE, ResultsStore
+
+    path = Path(out) / RESULTS_FILE
+    if not path.is_file():
+        raise TpoolError(f"no {RESULTS_FILE} in {out}: run `tpool pareto --out {out}` first")
+    store = ResultsStore(path, log) if log else ResultsStore(path)
+    rows, others = select_run(store.read())
+    if not rows:
+        raise TpoolError(f"{path} holds no results")
+    if others:
+        (log or store.log)(f"{path}: left out {others} row(s) of other configurations (model/weights/data/dtype/device)")
+    return rows
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per point with the derived columns: drop vs. baseline, GMACs saved, speedup, frontiers."""
+    df = pd.DataFrame(rows)
+    base = df[df["op"] == "none"]
+    if base.empty:
+        raise TpoolError("the results have no baseline point (op none)")
+    b = base.iloc[0]
+    df["op_name"] = df["op"].str.replace(r"\(.*\)$", "", regex=True)
+    df["delta_top1"] = (df["top1"] - b["top1"]).round(4)
+    df["gmacs_saved_pct"] = (100.0 * (1.0 - df["gmacs"] / b["gmacs"])).round(3)
+    speed = df["model_only_img_s"].astype(float)
+    df["speedup"] = (speed / float(b["model_only_img_s"])).round(4) if _number(b["model_only_img_s"]) else float("nan")
+    df["frontier"] = frontier_mask(df["gmacs"].tolist(), df["top1"].tolist())
+    df["frontier_speed"] = frontier_mask((-speed).tolist(), df["top1"].tolist())
+    df["frontier_op"] = False
+    for op in ops_of(df):
+        idx = df.index[(df["op"] == op) | (df["op"] == "none")]
+        mask = frontier_mask(df.loc[idx, "gmacs"].tolist(), df.loc[idx, "top1"].tolist())
+        op_idx = [i for i, m in zip(idx, mask) if m and df.at[i, "op"] == op]
+        df.loc[op_idx, "frontier_op"] = True
+    df["_order"] = range(len(df))
+    return df.sort_values(["gmacs", "_order"], ascending=[False, True], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value) and value != 0
+
+
+def ops_of(df: pd.DataFrame) -> list[str]:
+    """Operator labels in order of first appearance, baseline excluded."""
+    return [op for op in dict.fromkeys(df["op"]) if op != "none"]
+
+
+def savings(df: pd.DataFrame, drops: Sequence[float] = DROPS) -> pd.DataFrame:
+    """Per operator and allowed top-1 drop d: the cheapest point within d points of the baseline."""
+    b = df[df["op"] == "none"].iloc[0]
+    out = []
+    for op in ops_of(df):
+        line: dict[str, Any] = {"op": op}
+        points = df[df["op"] == op]
+        for d in drops:
+            ok = points[points["delta_top1"] >= -d - 1e-9]
+            if ok.empty or ok["gmacs"].min() >= b["gmacs"]:
+                line[f"saved_at_{d:g}"] = None
+                line[f"keep_at_{d:g}"] = None
+                continue
+            best = ok.sort_values(["gmacs", "top1"], ascending=[True, False], kind="stable").iloc[0]
+            line[f"saved_at_{d:g}"] = round(float(b["gmacs"] - best["gmacs"]), 6)
+            line[f"saved_pct_at_{d:g}"] = round(float(best["gmacs_saved_pct"]), 3)
+            line[f"keep_at_{d:g}"] = best["schedule"]
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+TABLE_COLUMNS = [  # (field, header, format)
+    ("op", "op", "{}"), ("schedule", "schedule", "{}"), ("gmacs", "GMACs", "{:.4f}"),
+    ("gmacs_saved_pct", "GMACs saved %", "{:.1f}"), ("top1", "top-1", "{:.2f}"), ("delta_top1", "Δ top-1", "{:+.2f}"),
+    ("top5", "top-5", "{:.2f}"), ("model_only_img_s", "model img/s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"),
+    ("end_to_end_img_s", "end-to-end img/s", "{:,.0f}"),
+]
+
+
+def _cell(value: Any, fmt: str = "{}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def point_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells of the per-point tables (Markdown and Rich share them)."""
+    headers = [h for _, h, _ in TABLE_COLUMNS]
+    cells = [[_cell(r[c], f) for c, _, f in TABLE_COLUMNS] for _, r in df.iterrows()]
+    return headers, cells
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_markdown(df: pd.DataFrame) -> str:
+    """pareto.md: the run, the frontier overall and per operator, GMACs saved, all points."""
+    b = df[df["op"] == "none"].iloc[0]
+    sha = b.get("weights_sha256")
+    weights = str(b["weights"]) + (f" (sha256 `{sha[:12]}`)" if isinstance(sha, str) else "")
+    parts = [
+        f"# Pareto sweep: {b['model']} @ {b['img_size']}px\n",
+        f"- data: `{b['data']}` ({b['label_space']}), {int(b['images'])} images"
+        + (f", {int(b['skipped'])} unreadable files skipped" if int(b.get("skipped") or 0) else "")
+        + f", fingerprint `{b['data_fingerprint']}`",
+        f"- weights: {weights}" + ("  \n  **random weights: accuracy is meaningless**" if b.get("random_init") else ""),
+        f"- device: {b['device_name']}, {b['dtype']}, batch {b['batch_size']}; torch {b['torch']}, timm {b['timm']}",
+        f"- baseline: top-1 {b['top1']:.2f}%, {b['gmacs']:.4f} GMACs, "
+        + (f"{b['model_only_img_s']:,.0f} img/s model-only" if _number(b["model_only_img_s"]) else "no model-only timing"),
+        "",
+        "GMACs per image from fvcore (1 multiply-add = 1 MAC); model img/s: forward pass only, device "
+        "synchronised, data already on the device; Δ top-1 in points vs. the baseline.\n",
+        "## Pareto frontier (top-1 vs. GMACs)\n",
+        markdown_table(*point_table(df[df["frontier"]])),
+    ]
+    parts.append("## Frontier per operator\n")
+    for op in ops_of(df):
+        sub = df[(df["frontier_op"] & (df["op"] == op)) | (df["op"] == "none")]
+        parts += [f"### {op}\n", markdown_table(*point_table(sub))]
+    sav = savings(df)
+    parts.append("## GMACs saved at a bounded top-1 drop\n")
+    parts.append(
+        "Per operator, the cheapest point whose top-1 is at most d points below the baseline "
+        f"({b['gmacs']:.4f} GMACs); — when no reducing point qualifies.\n"
+    )
+    headers = ["op"] + [f"drop ≤ {d:g}" for d in DROPS]
+    rows = []
+    for _, r in sav.iterrows():
+        cells = [r["op"]]
+        for d in DROPS:
+            saved = r.get(f"saved_at_{d:g}")
+            if saved is None or (isinstance(saved, float) and math.isnan(saved)):
+                cells.append("—")
+            else:
+                cells.append(f"{saved:.4f} GMACs ({r[f'saved_pct_at_{d:g}']:.1f}%) at {r[f'keep_at_{d:g}']}")
+        rows.append(cells)
+    parts.append(markdown_table(headers, rows))
+    parts += ["## All points\n", markdown_table(*point_table(df))]
+    return "\n".join(parts)
+
+
+def results_csv(df: pd.DataFrame) -> str:
+    """results.csv: every field of every point, lists and dicts as JSON in their cell."""
+    flat = df.copy()
+    for col in flat.columns:
+        if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
+            flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    return flat.to_csv(index=False, lineterminator="\n")
+
+
+def plot(df: pd.DataFrame, out: Path) -> list[Path]:
+    """top-1 vs GMACs and top-1 vs model-only img/s: one line per operator from the baseline, the
+    frontier marked. PNG and SVG, rendered without pyplot (no display, no global state)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    b = df[df["op"] == "none"].iloc[0]
+    written = []
+    specs = [("top1_vs_gmacs", "gmacs", "GMACs per image", "frontier"),
+             ("top1_vs_speed", "model_only_img_s", "model-only images/s", "frontier_speed")]
+    with matplotlib.rc_context({"svg.hashsalt": "tpool", "svg.fonttype": "path"}):
+        for name, xcol, xlabel, fcol in specs:
+            if df[xcol].isna().all():
+                continue
+            fig = Figure(figsize=(7.0, 4.6), dpi=110)
+            ax = fig.add_subplot()
+            for op in ops_of(df):
+                sub = pd.concat([df[df["op"] == "none"].iloc[:1], df[df["op"] == op]]).sort_values(xcol, kind="stable")
+                ax.plot(sub[xcol], sub["top1"], marker="o", ms=4, lw=1.4, label=op)
+            front = df[df[fcol]].sort_values(xcol, kind="stable")
+            ax.plot(front[xcol], front["top1"], ls="--", lw=0.8, color="grey", zorder=4)
+            ax.plot(front[xcol], front["top1"], ls="none", marker="o", ms=11, mfc="none", mec="black", mew=1.2,
+                    label="Pareto frontier", zorder=5)
+            ax.plot([b[xcol]], [b["top1"]], marker="*", ms=13, color="black", ls="none", label="baseline", zorder=6)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("top-1 %")
+            ax.set_title(f"{b['model']} @ {b['img_size']}px, {int(b['images'])} images ({b['dtype']}, {b['device_name']})", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+            fig.tight_layout()
+            for suffix in ("png", "svg"):
+                path = out / f"{name}.{suffix}"
+                fig.savefig(path, format=suffix, metadata={"Date": None} if suffix == "svg" else None)
+                written.append(path)
+    return written
+
+
+@dataclass
+class Report:
+    frame: pd.DataFrame
+    files: list[Path]
+
+
+def write_report(out: Path, rows: Optional[list[dict[str, Any]]] = None, log=None) -> Report:
+    """Write results.csv, pareto.md and the plots into ``out`` from ``rows`` (default: results.jsonl)."""
+    out = Path(out)
+    rows = rows if rows is not None else load_rows(out, log)
+    df = results_frame(rows)
+    write_text(out / "results.csv", results_csv(df))
+    write_text(out / "pareto.md", pareto_markdown(df))
+    files = [out / "results.csv", out / "pareto.md"] + plot(df, out)
+    return Report(frame=df, files=files)
+
+
+# ---------------------------------------------------------------------------------------------
+# CI gates and comparisons
+
+
+@dataclass(frozen=True)
+class Gate:
+    """``--fail-below OP@KEEP=TOP1``: the point (OP, KEEP) must reach TOP1 percent."""
+
+    op: str
+    keep: float
+    top1: float
+
+    def __str__(self) -> str:
+        return f"{self.op}@{self.keep:g}={self.top1:g}"
+
+
+_GATE = re.compile(r"^\s*([^@=\s]+)\s*@\s*([0-9.]+)\s*=\s*([0-9.]+)\s*$")
+
+
+def parse_gate(text: str) -> Gate:
+    match = _GATE.match(text)
+    if not match:
+        raise TpoolError(f"--fail-below takes OP@KEEP=TOP1 (e.g. topk@0.7=78.5), got {text!r}")
+    try:
+        return Gate(match.group(1), float(match.group(2)), float(match.group(3)))
+    except ValueError:
+        raise TpoolError(f"--fail-below takes OP@KEEP=TOP1 with numbers, got {text!r}") from None
+
+
+def check_gates(df: pd.DataFrame, gates: Sequence[Gate]) -> list[str]:
+    """One message per failed gate (a point below its accuracy, or no such point at all)."""
+    failures = []
+    for gate in gates:
+        if gate.op == "none" or gate.keep == 1.0:
+            rows = df[df["op"] == "none"]
+        else:
+            keep = df["keep"].astype(float)
+            same_keep = (keep - gate.keep).abs() < 1e-9
+            rows = df[same_keep & (df["op"] == gate.op)]
+            if rows.empty:
+                rows = df[same_keep & (df["op_name"] == gate.op)]
+        if rows.empty:
+            failures.append(f"{gate}: no point {gate.op} at keep {gate.keep:g} in the results")
+            continue
+        for _, r in rows.iterrows():
+            if r["top1"] < gate.top1:
+                failures.append(f"{gate}: {r['op']} {r['schedule']} reached top-1 {r['top1']:.2f} < {gate.top1:g}")
+    return failures
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Two sweeps side by side, matched on (op, schedule): GMACs, top-1 and model-only img/s."""
+    cols = ["op", "schedule", "gmacs", "top1", "model_only_img_s"]
+    merged = pd.merge(a[cols], b[cols], on=["op", "schedule"], how="outer", suffixes=("_a", "_b"), sort=False)
+    merged["delta_top1"] = (merged["top1_b"] - merged["top1_a"]).round(4)
+    merged["speed_ratio"] = (merged["model_only_img_s_b"] / merged["model_only_img_s_a"]).round(4)
+    merged["_g"] = merged["gmacs_a"].fillna(merged["gmacs_b"])
+    return merged.sort_values("_g", ascending=False, kind="stable").drop(columns="_g").reset_index(drop=True)
+
+
+def frontier_rich_table(df: pd.DataFrame, title: str):
+    """The frontier as a Rich table (for stdout)."""
+    from .output import make_table
+
+    headers, cells = point_table(df[df["frontier"]])
+    return make_table(title, headers, cells)
