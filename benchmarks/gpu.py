@@ -104,7 +104,8 @@ def failed_ops(path: Optional[Path]) -> set[str]:
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     import torch
 
-    from tpool_cli.bench import BenchSettings, bench, check_sync_free, resolve_amp, resolve_device, synthetic_batch
+    from tpool_cli.bench import BenchSettings, bench, check_sync_free, synthetic_batch
+    from tpool_cli.device import resolve_amp, resolve_device
     from tpool_cli.models import load_model
     from tpool_cli.ops import make_operator
     from tpool_cli.patch import patch, unpatch

@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
 
-    from tpool_cli.evaluate import evaluate, resolve_device
+    from tpool_cli.device import resolve_device
+    from tpool_cli.evaluate import evaluate
     from tpool_cli.models import load_model
     from tpool_cli.sweep import plan_points, run_sweep
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import tiny_vit
 from tpool_cli.cli import main
-from tpool_cli.diagnose import _load_image_folder, reconstruction_rows
+from tpool_cli.data import images_in_folder, load_images
+from tpool_cli.diagnose import reconstruction_rows
 from tpool_cli.errors import TpoolError
 from tpool_cli.ops import make_operator
 from tpool_cli.ops.base import ReduceContext
@@ -141,7 +142,7 @@ def write_images(root, count=3):
 def test_image_folder_sorted_any_depth_and_limited(tmp_path):
     write_images(tmp_path)
     model = tiny_vit()
-    images = _load_image_folder(model, tmp_path, limit=2)
+    images, _ = load_images(images_in_folder(tmp_path, limit=2), model)
     assert images.shape == (2, 3, 32, 32)
     # sorted relative paths: a/deep/img0.jpg (red 80), then b/img1.png (red 40); c.png is past the limit
     assert images[0, 0].mean() > images[1, 0].mean()
@@ -150,12 +151,12 @@ def test_image_folder_sorted_any_depth_and_limited(tmp_path):
 def test_image_folder_errors(tmp_path):
     model = tiny_vit()
     with pytest.raises(TpoolError, match="not found"):
-        _load_image_folder(model, tmp_path / "missing", 4)
-    with pytest.raises(TpoolError, match="no images"):
-        _load_image_folder(model, tmp_path, 4)
+        images_in_folder(tmp_path / "missing", 4)
+    with pytest.raises(TpoolError, match="no image files"):
+        images_in_folder(tmp_path, 4)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(TpoolError, match="cannot read image"):
-        _load_image_folder(model, tmp_path, 4)
+    with pytest.raises(TpoolError, match="not an image file"):
+        load_images(images_in_folder(tmp_path, 4), model)
 
 
 def test_cli_without_data_is_one_line(capsys):

@@ -19,8 +19,9 @@ from conftest import tiny_vit
 from tpool_cli.cli import main
 from tpool_cli.ops import make_operator, operator_names
 from tpool_cli.patch import is_patched, patch, unpatch
+from tpool_cli.data import load_images
 from tpool_cli.visualize import (
-    boundary_segments, colour_partition, read_images, singleton_patches, trace_reductions, visualize,
+    boundary_segments, colour_partition, singleton_patches, trace_reductions, visualize,
 )
 
 OPS = operator_names()
@@ -280,8 +281,8 @@ def test_missing_image_in_a_real_process(tmp_path):
     assert proc.stderr.strip() == f"error: image not found: {tmp_path / 'nope.jpg'}"
 
 
-def test_read_images_converts_to_rgb(tmp_path):
+def test_greyscale_images_load_as_rgb(tmp_path):
     path = tmp_path / "grey.png"
     Image.fromarray(np.zeros((5, 7), dtype=np.uint8), mode="L").save(path)
-    (img,) = read_images([path])
-    assert img.mode == "RGB" and img.size == (7, 5)
+    batch, _ = load_images([path], tiny_vit())
+    assert batch.shape == (1, 3, 32, 32)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import statistics
 import time
 import traceback
@@ -34,71 +33,15 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
+from .device import device_name, dtype_label, resolve_amp, resolve_device, synchronize
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .patch import patch, planned_counts, unpatch
 from .schedule import Schedule
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IDEAL_OP = "drop"
 SKIPPED = "skipped: time budget"
-
-
-# ---------------------------------------------------------------------------------------------
-# Device, precision and names
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without CUDA is the user's to fix."""
-    name = name.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TpoolError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise TpoolError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TpoolError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    if name == "cpu":
-        return torch.device("cpu")
-    raise TpoolError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)")
-
-
-def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype: bf16 by default on CUDA, none on CPU."""
-    if amp is None:
-        return torch.bfloat16 if device.type == "cuda" else None
-    key = amp.strip().lower()
-    if key not in AMP_DTYPES:
-        raise TpoolError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-    return AMP_DTYPES[key]
-
-
-def device_name(device: torch.device) -> str:
-    """Human-readable name of the device the numbers were measured on (they mean nothing without it)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +211,7 @@ class BenchReport:
             "batch_size": s.batch_size,
             "device": str(self.device),
             "device_name": self.device_name,
-            "amp": _amp_name(self.amp),
+            "amp": dtype_label(self.amp),
             "compile": s.compile,
             "compile_mode": s.compile_mode if s.compile else None,
         }
@@ -276,10 +219,6 @@ class BenchReport:
 
 def _round(value: Optional[float], digits: int = 3) -> Optional[float]:
     return None if value is None else round(value, digits)
-
-
-def _amp_name(dtype: Optional[torch.dtype]) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none") if dtype else "none"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,6 +256,53 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 # ---------------------------------------------------------------------------------------------
+# A few image files (visualize, recon): same decode and normalisation as evaluation
+
+
+def check_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Paths that exist and are files; the first that is not is one TpoolError (before any model loads)."""
+    checked = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise TpoolError(f"image not found: {path}")
+        if not path.is_file():
+            raise TpoolError(f"not an image file: {path} is a directory")
+        checked.append(path)
+    return checked
+
+
+def images_in_folder(folder: str | Path, limit: Optional[int] = None) -> list[Path]:
+    """Image files under ``folder`` at any depth, in sorted relative-path order, at most ``limit``."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise TpoolError(f"image folder not found: {root}")
+    paths = sorted((p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.relative_to(root).as_posix())
+    if not paths:
+        raise TpoolError(f"no image files under {root}")
+    return paths[:limit] if limit is not None else paths
+
+
+def load_images(paths: Sequence[str | Path], model: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Decode and normalise image files for ``model`` exactly as `tpool evaluate` does.
+
+    Returns (float32 B x 3 x H x W, the data config). A file that does not decode is one TpoolError.
+    """
+    cfg = data_config(model)
+    decoder = Decoder(cfg)
+    decoded = []
+    for path in check_image_paths(paths):
+        try:
+            decoded.append(decoder(path))
+        except ValueError as exc:
+            reason = "not an image file" if str(exc) in ("not an image file", "cannot identify image file") else str(exc)
+            raise TpoolError(f"{reason}: {path}") from None
+    if not decoded:
+        raise TpoolError("give at least one image")
+    return normalize(torch.stack(decoded), cfg["mean"], cfg["std"]), cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading per batch (the uncached path)
 
 

@@ -16,12 +16,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .data import images_in_folder, load_images
 from .errors import TpoolError
 from .ops import TokenOperator
 from .patch import patch, unpatch
 from .schedule import Schedule
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @torch.no_grad()
@@ -82,54 +81,17 @@ def reconstruction_rows(
     return rows
 
 
-def _image_paths(folder: Path, limit: int) -> list[Path]:
-    if not folder.is_dir():
-        raise TpoolError(f"--data must be a folder of images, not found: {folder}")
-    paths = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not paths:
-        raise TpoolError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return paths[:limit]
-
-
-def _load_image_folder(model: nn.Module, folder: Path, limit: int) -> torch.Tensor:
-    """The first ``limit`` images under ``folder`` (sorted paths, any depth), with the model's eval transform.
-
-    Deliberately small: a stand-in until the data module (ImageNet folders, class maps) exists.
-    """
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
-
-    if limit < 1:
-        raise TpoolError(f"--limit must be >= 1, got {limit}")
-    config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:  # a model built at another resolution keeps its pretrained_cfg's input_size
-        config["input_size"] = (3, *img_size)
-    transform = create_transform(**config)
-    batch = []
-    for path in _image_paths(folder, limit):
-        try:
-            with Image.open(path) as image:
-                batch.append(transform(image.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise TpoolError(f"cannot read image {path}: {exc}") from None
-    return torch.stack(batch)
-
-
 def reconstruction_on_folder(
     model: nn.Module,
-    folder: Optional[Path],
+    folder: Path,
     configs: Sequence[tuple[TokenOperator, Schedule]],
     limit: int = 16,
     batch_size: int = 16,
     prop_attn: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """:func:`reconstruction_rows` on the first ``limit`` images of an image folder."""
-    if folder is None:
-        raise TpoolError("tpool recon needs images for now: pass --data DIR (a folder of images, searched at any depth)")
-    images = _load_image_folder(model, Path(folder).expanduser(), limit)
+    """:func:`reconstruction_rows` on the first ``limit`` images of an image folder (any depth, sorted)."""
+    if limit < 1:
+        raise TpoolError(f"--limit must be >= 1, got {limit}")
+    images, _ = load_images(images_in_folder(folder, limit), model)
     return reconstruction_rows(model, images, configs, batch_size=batch_size, prop_attn=prop_attn, seed=seed)

@@ -37,54 +37,8 @@ from .data import (
     DecodedImages, Decoder, ImageFolder, ProgressFn, data_config, folder_loader, normalize, scan_folder,
 )
 from .errors import TpoolError
+from .device import device_name, dtype_label, resolve_amp, resolve_device, synchronize
 from .models import LoadedModel
-
-AMP_CHOICES = ("bf16", "fp16", "none")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; asking for CUDA without it is the user's mistake."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise TpoolError(
-                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                "use --device cpu or --device auto"
-            )
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TpoolError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    raise TpoolError(f"unknown device {name!r}; choose auto, cuda (or cuda:N) or cpu")
-
-
-def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype: bf16 by default on CUDA, none (fp32) on CPU."""
-    if amp is None:
-        amp = "bf16" if device.type == "cuda" else "none"
-    amp = {"fp32": "none", "float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(amp.lower(), amp.lower())
-    if amp not in _AMP_DTYPES:
-        raise TpoolError(f"unknown --amp {amp!r}; choose {', '.join(AMP_CHOICES)}")
-    if amp == "fp16" and device.type != "cuda":
-        raise TpoolError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or none")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TpoolError("this GPU does not support bf16; use --amp fp16 or none")
-    return _AMP_DTYPES[amp]
-
-
-def dtype_label(amp_dtype: Optional[torch.dtype]) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def versions() -> dict[str, str]:
     """Library versions a result depends on."""
@@ -271,7 +225,7 @@ def evaluate(
         config["patch_tokens"] = [report.layers[0].tokens_in] + [layer.tokens_out for layer in report.layers]
     config.update(
         device=dev.type,
-        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        device_name=device_name(dev),
         dtype=dtype_label(amp_dtype),
         batch_size=batch_size,
         compile=compile,
@@ -311,15 +265,15 @@ def evaluate(
                         inp = torch.cat([inp, inp.new_zeros((batch_size - n, *inp.shape[1:]))])
                     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         if compile and compile_seconds is None:
-                            _sync(dev)
+                            synchronize(dev)
                             t0 = time.perf_counter()
                             forward(inp)  # compiles; timed apart and left out of both throughputs
-                            _sync(dev)
+                            synchronize(dev)
                             compile_seconds = time.perf_counter() - t0
-                        _sync(dev)
+                        synchronize(dev)
                         t0 = time.perf_counter()
                         logits = forward(inp)[:n]
-                        _sync(dev)
+                        synchronize(dev)
                         timings.append((n, time.perf_counter() - t0))
                     top = logits.float().topk(k5, dim=1).indices
                     correct1 += (top[:, 0] == y).sum()
@@ -332,7 +286,7 @@ def evaluate(
                     progress(n_files)
     except KeyboardInterrupt:
         interrupted = True
-    _sync(dev)
+    synchronize(dev)
     elapsed = time.perf_counter() - start - (compile_seconds or 0.0)
 
     if images == 0 and not interrupted:

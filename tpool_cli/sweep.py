@@ -23,7 +23,8 @@ import torch
 
 from .data import ImageFolder, data_config, decode_once, fingerprint, scan_folder
 from .errors import TpoolError
-from .evaluate import dtype_label, evaluate, model_config, resolve_amp, resolve_device
+from .device import dtype_label, resolve_amp, resolve_device
+from .evaluate import evaluate, model_config
 from .models import LoadedModel
 from .ops import TokenOperator
 from .patch import patch, unpatch

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import data_config, load_images
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .patch import patch, unpatch
@@ -139,16 +140,6 @@ def trace_reductions(
 
 
 # ----------------------------------------------------------------------------- pixels
-
-
-def data_config(model: nn.Module) -> dict:
-    """timm's preprocessing config for ``model``, at the resolution the model was built for."""
-    from timm.data import resolve_data_config
-
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "img_size", None)
-    args = {"input_size": (3, int(size[0]), int(size[1]))} if size is not None else {}
-    return resolve_data_config(args, model=model)
 
 
 def denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -419,47 +410,11 @@ def visualize(
     return written
 
 
-# ----------------------------------------------------------------------------- images from files
-# Kept small on purpose: the evaluation data module does the same for whole folders.
-
-
-def read_images(paths: Sequence[str | Path]) -> list["Image.Image"]:
-    """Decode image files with PIL as RGB; a missing path or a non-image file is one TpoolError."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not paths:
-        raise TpoolError("give at least one image")
-    decoded = []
-    for path in paths:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise TpoolError(f"image not found: {path}")
-        if not path.is_file():
-            raise TpoolError(f"not an image file: {path} is a directory")
-        try:
-            with Image.open(path) as img:
-                decoded.append(img.convert("RGB"))
-        except UnidentifiedImageError:
-            raise TpoolError(f"not an image file (PIL cannot read it): {path}") from None
-        except (OSError, ValueError) as exc:
-            raise TpoolError(f"cannot read image {path}: {exc}") from None
-    return decoded
-
-
-def preprocess(images: Sequence["Image.Image"], model: nn.Module) -> tuple[torch.Tensor, dict]:
-    """timm's eval transform for ``model`` applied to PIL images: (B x 3 x H x W, data config)."""
-    from timm.data import create_transform
-
-    config = data_config(model)
-    transform = create_transform(**config)
-    return torch.stack([transform(img) for img in images]), config
-
-
 def visualize_files(
     model: nn.Module, paths: Sequence[str | Path], ops: Sequence[str | TokenOperator], out_dir: str | Path, **kwargs: object
 ) -> list[Path]:
     """:func:`visualize` for image files: read and preprocess them for ``model``, then draw."""
-    images, config = preprocess(read_images(paths), model)
+    images, config = load_images(paths, model)
     kwargs.setdefault("mean", config["mean"])
     kwargs.setdefault("std", config["std"])
     return visualize(model, images, [Path(p).name for p in paths], ops, out_dir, **kwargs)  # type: ignore[arg-type]

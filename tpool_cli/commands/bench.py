@@ -54,7 +54,8 @@ def bench(
     Random weights and synthetic images (speed depends on neither); the device is synchronised
     around every timed run. Ratios operator/baseline and operator/ideal come from one run.
     """
-    from ..bench import BenchSettings, bench as run_bench, resolve_amp, resolve_device
+    from ..bench import BenchSettings, bench as run_bench
+    from ..device import resolve_amp, resolve_device
     from ..models import load_model
     from ..profile import build_configs
 

@@ -49,7 +49,7 @@ def evaluate(
     """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
     from ..data import resolve_data, scan_folder
     from ..evaluate import evaluate as run_evaluate
-    from ..evaluate import resolve_amp, resolve_device
+    from ..device import resolve_amp, resolve_device
     from ..flops import count_flops
     from ..models import load_model
     from ..patch import patch

@@ -59,7 +59,7 @@ def pareto(
 ) -> None:
     """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
     from ..data import resolve_data, scan_folder
-    from ..evaluate import resolve_amp, resolve_device
+    from ..device import resolve_amp, resolve_device
     from ..models import load_model
     from ..progress import RichSweepProgress
     from ..report import parse_gate

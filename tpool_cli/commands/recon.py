@@ -12,22 +12,11 @@ from ..cli_options import (
     OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
     parse_schedule_args, split_names,
 )
+from ..device import resolve_device
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr
 
 DEFAULT_OPS = "kmeans,kmedoids,wkmeans,wkmedoids,tome,evit,topk,random,grid"
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise TpoolError(f"--device must be auto, cuda or cpu, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TpoolError("--device cuda: no CUDA device is available")
-    return name
 
 
 @app.command()
@@ -70,7 +59,7 @@ def recon(
     import torch
 
     torch.manual_seed(seed)  # --random-init weights are then reproducible too
-    loaded = load_model(model, weights=weights, random_init=random_init, device=_device(device))
+    loaded = load_model(model, weights=weights, random_init=random_init, device=resolve_device(device))
     stderr.print(f"[dim]{model} ({loaded.weights}): {len(configs)} configuration(s) on up to {limit} image(s) from {data}[/dim]")
     rows = reconstruction_on_folder(
         loaded.model, data, configs, limit=limit, batch_size=batch_size, prop_attn=prop_attn, seed=seed

@@ -48,7 +48,8 @@ def visualize(
     from ..models import load_model
     from ..ops import make_operator, operator_names
     from ..schedule import Schedule
-    from ..visualize import COLOUR_MODES, preprocess, read_images, visualize as draw
+    from ..data import check_image_paths, load_images
+    from ..visualize import COLOUR_MODES, visualize as draw
 
     if not images:
         raise TpoolError("give one or more IMAGE files to draw (there are no built-in demo images yet)")
@@ -64,19 +65,19 @@ def visualize(
         raise TpoolError(f"--colors must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
     if not 10 <= dpi <= 600:
         raise TpoolError(f"--dpi must be between 10 and 600, got {dpi}")
-    pictures = read_images(images)  # bad paths fail before the model is built
+    paths = check_image_paths(images)  # missing paths fail before the model is built
     if random_init:
         import torch
 
         torch.manual_seed(seed)  # random-init weights come from the global generator: same seed, same figure
     loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
-    batch, config = preprocess(pictures, loaded.model)
+    batch, config = load_images(paths, loaded.model)
     stderr.print(f"[dim]{model} ({loaded.weights}): {len(images)} image(s) x {len(names)} operator(s)[/dim]")
     weights_label = "random init" if random_init else f"weights: {Path(loaded.weights).name if loaded.weights_sha256 else loaded.weights}"
     written = draw(
         loaded.model,
         batch,
-        [path.name for path in images],
+        [path.name for path in paths],
         operators,
         out,
         schedule=schedule,

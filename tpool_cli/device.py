@@ -1,0 +1,77 @@
+"""Devices and precision, resolved once for every command: clear errors for what this machine lacks."""
+
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import torch
+
+from .errors import TpoolError
+
+AMP_CHOICES = ("bf16", "fp16", "none")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for CUDA without it is the user's mistake."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise TpoolError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu or --device auto"
+            )
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise TpoolError(f"unknown device {name!r}; choose auto, cuda (or cuda:N) or cpu") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TpoolError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise TpoolError(f"unknown device {name!r}; choose auto, cuda (or cuda:N) or cpu")
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 by default on CUDA, none (fp32) on CPU."""
+    if amp is None:
+        amp = "bf16" if device.type == "cuda" else "none"
+    amp = {"fp32": "none", "float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(amp.lower(), amp.lower())
+    if amp not in _AMP_DTYPES:
+        raise TpoolError(f"unknown --amp {amp!r}; choose {', '.join(AMP_CHOICES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise TpoolError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or none")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TpoolError("this GPU does not support bf16; use --amp fp16 or none")
+    return _AMP_DTYPES[amp]
+
+
+def dtype_label(amp_dtype: Optional[torch.dtype]) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the device the numbers were measured on (they mean nothing without it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{name} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer measures work done rather than work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
