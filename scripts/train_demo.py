@@ -202,7 +202,7 @@ def main() -> None:
         },
         "cpu": platform.processor() or platform.machine(),
         "load_average_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-        "command": "python scripts/train_demo.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python scripts/train_demo.py", *sys.argv[1:]]),
     }
     (args.out_dir / demo.RECORD_FILE.name).write_text(json.dumps(record, indent=2) + "\n")
     print(
