@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from . import demo
 from .errors import TpoolError
 
 DEFAULT_MODEL = "deit_small_patch16_224"
@@ -28,7 +29,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # Models whose weights ship inside a package: name -> function returning the weights file.
-SHIPPED_WEIGHTS: dict[str, Callable[[], Path]] = {}
+SHIPPED_WEIGHTS: dict[str, Callable[[], Path]] = {demo.DEMO_MODEL: demo.shipped_weights}
 
 
 @dataclass
