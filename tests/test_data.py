@@ -11,8 +11,9 @@ from timm.data import create_transform
 
 from imagefolders import foolbox_images, imagenet_folder, noise_images, photos_as, synsets
 from tpool_cli.data import (
-    Decoder, decode_once, fingerprint, folder_loader, normalize, read_class_map, resolve_data, scan_folder,
+    Decoder, decode_once, fingerprint, folder_loader, normalize, read_class_map, scan_folder,
 )
+from tpool_cli.demo import DEMO_MODEL, resolve_workload
 from tpool_cli.errors import TpoolError
 
 CFG = {
@@ -81,8 +82,16 @@ def test_folder_errors(tmp_path):
         scan_folder(tmp_path / "loose")
     with pytest.raises(TpoolError, match="class map not found"):
         scan_folder(tmp_path / "loose", class_map=tmp_path / "nope.txt")
-    with pytest.raises(TpoolError, match="--data DIR is required"):
-        resolve_data(None)
+    with pytest.raises(TpoolError, match="--data DIR is required for deit_small"):
+        resolve_workload("deit_small_patch16_224", None, None, "evaluate")
+
+
+def test_demo_is_the_default_workload(tmp_path):
+    work = resolve_workload(None, None, None, "evaluate")
+    assert work.demo and work.model == DEMO_MODEL and (work.data / "0").is_dir() and work.class_map.name == "classes.txt"
+    assert resolve_workload(DEMO_MODEL, None, None, "pareto").demo
+    mine = resolve_workload(None, tmp_path, None, "evaluate")
+    assert not mine.demo and mine.model == "deit_small_patch16_224" and mine.data == tmp_path
 
 
 def test_unknown_wnids_are_listed(tmp_path):

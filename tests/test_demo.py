@@ -111,6 +111,36 @@ def test_recorded_test_accuracy_exactly(data, model):
     assert RECORD["test_top1"] >= 90.0
 
 
+def test_tpool_evaluate_reproduces_the_recorded_accuracy(data):
+    """The demo flows through exactly the evaluate path a user's ImageNet folder takes."""
+    from tpool_cli.evaluate import evaluate
+
+    result = evaluate(load_model(DEMO_MODEL), data.root, class_map=data.class_map, device="cpu", batch_size=64, workers=0, count=False)
+    assert (result.images, result.correct1) == (360, RECORD["test_correct"])
+    assert result.top1 == pytest.approx(RECORD["test_top1"], abs=1e-4)
+
+
+def test_demo_sweep_end_to_end(tmp_path):
+    """`tpool pareto` with no --model/--data runs the built-in demo and writes every output."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TPOOL_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tpool_cli", "pareto", "--limit", "40", "--keep", "1.0,0.5", "--ops", "kmeans,topk,tome", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "built-in demo" in proc.stderr and "--data" in proc.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["op"], r["keep"]) for r in rows) == [("kmeans", 0.5), ("none", 1.0), ("tome", 0.5), ("topk", 0.5)]
+    assert all(r["model"] == DEMO_MODEL and r["images"] == 40 for r in rows)
+    for name in ("results.csv", "pareto.md", "top1_vs_gmacs.png", "top1_vs_gmacs.svg", "top1_vs_speed.png", "top1_vs_speed.svg"):
+        assert (out / name).stat().st_size > 0, name
+
+
 def test_ensure_is_idempotent(cache):
     first = ensure_demo_data()
     before = _files(first.root)

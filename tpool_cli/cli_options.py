@@ -11,9 +11,14 @@ from .ops import operator_names
 from .schedule import parse_float_list, parse_int_list
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (ViT/DeiT family).")]
+# Commands that run on data: no --model and no --data = the built-in demo (model + digits test images).
+DataModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="timm model name (ViT/DeiT family); default deit_small_patch16_224 with --data, the built-in demo without."),
+]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pth weights file.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build the model without weights.")]
-OpsOpt = Annotated[str, typer.Option("--op", "--ops", help=f"Operator(s), comma-separated: {', '.join(operator_names())}.")]
+OpsOpt = Annotated[str, typer.Option("--op", "--ops", help=f"Operator(s), comma-separated, or all: {', '.join(operator_names())}.")]
 KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Keep rate(s) in (0, 1] per reduction layer, comma-separated.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="0-indexed blocks that reduce (default 3,6,9).")]
 TokensOpt = Annotated[Optional[str], typer.Option("--tokens", help="Patch-token budget per reduction layer, or per block.")]
@@ -48,8 +53,11 @@ def op_options(**options: Any) -> dict[str, Any]:
 
 
 def split_names(text: str) -> list[str]:
-    """'topk, grid' -> ['topk', 'grid']."""
-    return [name.strip() for name in text.split(",") if name.strip()]
+    """'topk, grid' -> ['topk', 'grid']; 'all' -> every method (not the baseline, not the speed reference)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return [name for name in operator_names() if name not in ("none", "drop")]
+    return names
 
 
 def parse_schedule_args(keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: float = 0.7):

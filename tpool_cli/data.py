@@ -171,17 +171,6 @@ def scan_folder(root: str | Path, class_map: Optional[str | Path] = None, limit:
     )
 
 
-def resolve_data(data: Optional[str | Path], class_map: Optional[str | Path] = None) -> tuple[Path, Optional[Path]]:
-    """The folder and class map a command evaluates on.
-
-    The one place where a default data set (e.g. a built-in demo folder with its class map) would
-    be filled in when ``--data`` is omitted; for now ``--data`` is required.
-    """
-    if data is None:
-        raise TpoolError("--data DIR is required: an ImageNet-style folder DIR/<wnid>/<image>")
-    return Path(data).expanduser(), Path(class_map).expanduser() if class_map is not None else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 

@@ -10,7 +10,7 @@ import torch
 from ..cli import app
 from ..cli_options import (
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
-    ItersOpt, KeepOpt, LayersOpt, LimitOpt, ModelOpt, OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -21,7 +21,7 @@ RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (--random-init): accuracy is meaningless, 
 
 @app.command()
 def evaluate(
-    model: ModelOpt = "deit_small_patch16_224",
+    model: DataModelOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     data: DataOpt = None,
@@ -47,7 +47,8 @@ def evaluate(
     output: OutputOpt = None,
 ) -> None:
     """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
-    from ..data import resolve_data, scan_folder
+    from ..data import scan_folder
+    from ..demo import resolve_workload
     from ..evaluate import evaluate as run_evaluate
     from ..device import resolve_amp, resolve_device
     from ..flops import count_flops
@@ -66,8 +67,9 @@ def evaluate(
     if keeps is not None and len(keeps) > 1:
         raise TpoolError(f"evaluate runs one keep rate, got {keep}; `tpool pareto --keep` sweeps several")
     configs = build_configs(names, keeps, layer_list, token_list, **op_options(score=score, iters=iters, init=init, features=features))
-    root, cmap = resolve_data(data, class_map)
-    folder = scan_folder(root, class_map=cmap, limit=limit)
+    work = resolve_workload(model, data, class_map, "evaluate")
+    model = work.model
+    folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
 
     if random_init:
         torch.manual_seed(seed)  # the same random weights on every run, so results are reproducible

@@ -13,7 +13,7 @@ import typer
 from ..cli import app
 from ..cli_options import (
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
-    ItersOpt, KeepOpt, LayersOpt, LimitOpt, ModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
 )
 from ..errors import TpoolError
@@ -29,12 +29,12 @@ CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, me
 
 @app.command()
 def pareto(
-    model: ModelOpt = "deit_small_patch16_224",
+    model: DataModelOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     data: DataOpt = None,
     class_map: ClassMapOpt = None,
-    ops: OpsOpt = "topk,grid,random",
+    ops: OpsOpt = "all",
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
@@ -58,7 +58,8 @@ def pareto(
     fmt: FormatOpt = "table",
 ) -> None:
     """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
-    from ..data import resolve_data, scan_folder
+    from ..data import scan_folder
+    from ..demo import DEMO_KEEPS, resolve_workload
     from ..device import resolve_amp, resolve_device
     from ..models import load_model
     from ..progress import RichSweepProgress
@@ -76,13 +77,15 @@ def pareto(
     token_list = parse_int_list(tokens, "--tokens")
     if token_list is not None and keep is not None:
         raise TpoolError("give --keep or --tokens, not both")
-    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list is not None else DEFAULT_KEEPS)
+    work = resolve_workload(model, data, class_map, "pareto")
+    model = work.model
+    default_keeps = DEMO_KEEPS if work.demo else DEFAULT_KEEPS
+    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list is not None else default_keeps)
     points = plan_points(
         split_names(ops), keeps, parse_int_list(layers, "--layers"), token_list,
         **op_options(score=score, iters=iters, init=init, features=features),
     )
-    root, cmap = resolve_data(data, class_map)
-    folder = scan_folder(root, class_map=cmap, limit=limit)
+    folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
     if random_init:
         torch.manual_seed(seed)  # the same random weights on every run, so a resumed sweep stays consistent
     loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)

@@ -8,7 +8,7 @@ import typer
 
 from ..cli import app
 from ..cli_options import (
-    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
+    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
     parse_schedule_args, split_names,
 )
@@ -16,15 +16,12 @@ from ..device import resolve_device
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr
 
-DEFAULT_OPS = "kmeans,kmedoids,wkmeans,wkmedoids,tome,evit,topk,random,grid"
-
-
 @app.command()
 def recon(
-    model: ModelOpt = "deit_small_patch16_224",
+    model: DataModelOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
-    op: OpsOpt = DEFAULT_OPS,
+    op: OpsOpt = "all",
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
@@ -42,6 +39,7 @@ def recon(
     output: OutputOpt = None,
 ) -> None:
     """Reconstruction error (Token Pooling's objective) per reducing layer, per operator, on images."""
+    from ..demo import resolve_workload
     from ..diagnose import reconstruction_on_folder
     from ..models import load_model
     from ..profile import build_configs
@@ -52,9 +50,9 @@ def recon(
     configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
     if not configs:
         raise TpoolError("no reducing operator given (--op none reduces nothing)")
-    if data is None:  # fail before loading a model
-        raise TpoolError("tpool recon needs images for now: pass --data DIR (a folder of images, searched at any depth)")
-    if not data.expanduser().is_dir():
+    work = resolve_workload(model, data, None, "recon")
+    model, data = work.model, work.data
+    if not data.is_dir():  # fail before loading a model
         raise TpoolError(f"--data must be a folder of images, not found: {data}")
     import torch
 

@@ -10,17 +10,20 @@ import typer
 
 from ..cli import app
 from ..cli_options import (
-    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutDirOpt, PropAttnOpt,
+    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt,
     RandomInitOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import stderr
 
 
+DEMO_FIGURES = 3  # demo digits drawn when no IMAGE is given
+
+
 @app.command()
 def visualize(
     images: Annotated[Optional[list[Path]], typer.Argument(metavar="IMAGE", help="Image files (any format PIL reads).", show_default=False)] = None,
-    model: ModelOpt = "deit_small_patch16_224",
+    model: DataModelOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     op: OpsOpt = "all",
@@ -45,15 +48,20 @@ def visualize(
 
     `--ops all` (default) draws every registered operator except `none`. Prints the written files.
     """
-    from ..models import load_model
-    from ..ops import make_operator, operator_names
+    from ..demo import DEMO_MODEL, demo_images
+    from ..models import DEFAULT_MODEL, load_model
+    from ..ops import make_operator
     from ..schedule import Schedule
     from ..data import check_image_paths, load_images
     from ..visualize import COLOUR_MODES, visualize as draw
 
     if not images:
-        raise TpoolError("give one or more IMAGE files to draw (there are no built-in demo images yet)")
-    names = [name for name in operator_names() if name != "none"] if op.strip() == "all" else split_names(op)
+        if model not in (None, DEMO_MODEL):
+            raise TpoolError(f"give one or more IMAGE files to draw with {model} (the built-in demo images go with --model {DEMO_MODEL})")
+        model, images = DEMO_MODEL, demo_images(DEMO_FIGURES)
+        stderr.print(f"[cyan]built-in demo:[/cyan] {DEMO_MODEL} on its first {len(images)} test digits; pass IMAGE files and --model for your own", highlight=False)
+    model = model or DEFAULT_MODEL
+    names = split_names(op)
     if not names:
         raise TpoolError("--ops is empty")
     operators = [make_operator(name, **op_options(score=score, iters=iters, init=init, features=features)) for name in names]
