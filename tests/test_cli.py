@@ -45,6 +45,9 @@ def test_profile_table_and_csv_output(tmp_path):
         (["--layers", "3,12"], "out of range"),
         (["--weights", "/nonexistent/w.pth"], "weights file not found"),
         (["--format", "xml"], "unknown format"),
+        (["--keep", "0.5", "--tokens", "150,100,50"], "not both"),
+        (["--op", ""], "--ops is empty"),
+        (["--model", "resnet18"], "not a timm VisionTransformer"),
     ],
 )
 def test_bad_input_is_one_line_no_traceback(args, message, capsys):

@@ -171,3 +171,8 @@ def test_decode_once_matches_the_per_batch_loader(tmp_path, storage):
         again = decode_once(scan_folder(root), CFG, cache_dir=tmp_path / "cache", storage="disk")
         assert again.storage == cache.storage and torch.equal(again.images, cache.images)
         assert again.skipped == cache.skipped
+
+
+def test_class_map_without_data_is_an_error():
+    with pytest.raises(TpoolError, match="--class-map goes with --data"):
+        resolve_workload(None, None, "classes.txt", "evaluate")

@@ -36,7 +36,7 @@ def test_missing_weights_file(tmp_path):
 
 def test_weights_of_another_model(tmp_path):
     _, path = _weights(tmp_path, ".safetensors")
-    with pytest.raises(TpoolError, match="could not load deit_small_patch16_224"):
+    with pytest.raises(TpoolError, match="could not build deit_small_patch16_224 with weights"):
         load_model("deit_small_patch16_224", weights=path)
 
 
@@ -50,3 +50,15 @@ def test_offline_pretrained_fails_fast_and_clearly():
 def test_unknown_model_suggests_names():
     with pytest.raises(TpoolError, match="did you mean deit_small"):
         load_model("deit_smal")
+
+
+def test_non_vit_model_is_a_clear_error():
+    with pytest.raises(TpoolError, match="not a timm VisionTransformer"):
+        load_model("resnet18", random_init=True)
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(TpoolError, match="could not build deit_tiny_patch16_224 with weights"):
+        load_model("deit_tiny_patch16_224", weights=path)

@@ -120,3 +120,14 @@ def test_unsupported_model_is_a_clear_error():
 def test_bad_operator_option():
     with pytest.raises(TpoolError, match="score must be one of"):
         patch(tiny_vit(), "topk", keep=0.5, score="bogus")
+
+
+def test_class_attention_operators_need_a_class_token(images):
+    model = tiny_vit(class_token=False, global_pool="avg")
+    for op in ("topk", "evit"):
+        with pytest.raises(TpoolError, match="no class token"):
+            patch(model, op, keep=0.5)
+    patch(model, "kmeans", keep=0.5, layers=(1,))  # significance-based operators work without one
+    with torch.no_grad():
+        assert model(images).shape == (3, 10)
+    assert model.tpool_state.counts[1] == (64, 32)

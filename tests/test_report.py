@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tpool_cli.errors import TpoolError
 from tpool_cli.report import (
-    Gate, check_gates, compare, frontier_mask, parse_gate, results_frame, savings, write_report,
+    Gate, check_gates, compare, frontier_mask, load_rows, parse_gate, results_frame, savings, write_report,
 )
 from tpool_cli.sweep import ResultsStore
 
@@ -156,10 +156,31 @@ def test_store_drops_bad_lines_and_duplicates(tmp_path):
     store.append(ROWS[1])
     store.append(ROWS[1])
     with open(store.path, "ab") as fh:
-        fh.write(b'{"half": \n')  # an unreadable last line (newline included)
-    rows = store.read()
+        fh.write(b"[1, 2]\n")  # complete (newline-terminated) but not an object: ignored, never cut
+        fh.write(b'{"half": ')  # truncated: a write cut before its newline
+    before = store.path.read_bytes()
+    rows = store.read(repair=False)
+    assert store.path.read_bytes() == before  # reading for a report never writes
     assert [r["key"] for r in rows] == [ROWS[0]["key"], ROWS[1]["key"]]
-    assert any("line 2 is not a JSON object" in m for m in logged)
-    assert any("repeats point" in m for m in logged) and any("unreadable last line" in m for m in logged)
-    assert store.path.read_bytes().count(b"\n") == 4  # the bad middle line stays, the bad last line is cut
+    assert any("line 2 is not a JSON object" in m for m in logged) and any("line 5 is not a JSON object" in m for m in logged)
+    assert any("repeats point" in m for m in logged) and any("truncated last line" in m for m in logged)
+    assert store.read() == rows
+    assert store.path.read_bytes() == before[: before.rindex(b"\n") + 1]  # only the truncated tail is cut
     assert ResultsStore(tmp_path / "missing.jsonl").read() == []
+
+
+def test_report_rebuilds_the_latest_sweep_only(tmp_path):
+    """Two sweeps into one folder: the report is of the latest plan, not of everything comparable."""
+    store = ResultsStore(tmp_path / "results.jsonl")
+    for r in ROWS:
+        store.append(r)
+    latest = [ROWS[0]["key"], ROWS[4]["key"], ROWS[5]["key"]]  # baseline + grid, as a second `--ops grid` run
+    (tmp_path / "plan.json").write_text(json.dumps({"keys": latest}))
+    assert [r["key"] for r in load_rows(tmp_path)] == latest
+    (tmp_path / "plan.json").unlink()  # no plan (older folders): every row of the latest configuration
+    assert len(load_rows(tmp_path)) == len(ROWS)
+
+
+def test_foreign_rows_are_one_clear_error():
+    with pytest.raises(TpoolError, match="lack top1"):
+        results_frame([{k: v for k, v in r.items() if k != "top1"} for r in ROWS])

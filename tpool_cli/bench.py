@@ -35,6 +35,7 @@ from torch import nn
 
 from .device import device_name, dtype_label, resolve_amp, resolve_device, synchronize
 from .errors import TpoolError
+from .output import token_path as describe_tokens
 from .ops import TokenOperator, make_operator
 from .patch import patch, planned_counts, unpatch
 from .schedule import Schedule
@@ -443,13 +444,13 @@ def bench(
             if deadline is not None and time.monotonic() > deadline:
                 say(f"  {label} skipped: time budget")
                 result.error = SKIPPED
-                ideal = report.ideals.get(key, Variant(f"ideal {_describe_path(path)}", path, None, None, error=SKIPPED))
+                ideal = report.ideals.get(key, Variant(f"ideal {describe_tokens(path)}", path, None, None, error=SKIPPED))
             else:
                 if key not in report.ideals:
                     if key == tuple(full_path):
                         report.ideals[key] = baseline  # nothing reduced: the ideal is the baseline
                     else:
-                        ideal_variant = Variant(f"ideal {_describe_path(path)}", path, None, None,
+                        ideal_variant = Variant(f"ideal {describe_tokens(path)}", path, None, None,
                                                 operator=make_operator(IDEAL_OP), schedule=ideal_schedule(path))
                         prepare(ideal_variant)
                         report.ideals[key] = ideal_variant
@@ -499,6 +500,3 @@ def _full_path(model: nn.Module) -> list[int]:
     return [int(n)] * len(model.blocks)
 
 
-def _describe_path(path: Sequence[int]) -> str:
-    counts = [path[0]] + [b for a, b in zip(path, path[1:]) if b != a]
-    return "→".join(map(str, counts))

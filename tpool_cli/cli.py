@@ -54,12 +54,7 @@ def _root() -> None:
 
 def _register_commands() -> None:
     """Import the command modules; each adds itself to ``app`` with @app.command()."""
-    from .commands import profile  # noqa: F401
-    from .commands import visualize  # noqa: F401
-    from .commands import recon  # noqa: F401
-    from .commands import bench, profile  # noqa: F401
-    from .commands import evaluate  # noqa: F401
-    from .commands import pareto, report  # noqa: F401
+    from .commands import bench, evaluate, pareto, profile, recon, report, visualize  # noqa: F401
 
 
 _register_commands()

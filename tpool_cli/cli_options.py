@@ -7,6 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .errors import TpoolError
 from .ops import operator_names
 from .schedule import parse_float_list, parse_int_list
 
@@ -40,11 +41,15 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageNet-style 
 ClassMapOpt = Annotated[Optional[Path], typer.Option("--class-map", help="File with one class folder name per line; line i = class index i.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cuda or cpu.")]
 AmpOpt = Annotated[Optional[str], typer.Option("--amp", help="bf16, fp16 or none (default: bf16 on CUDA, none on CPU).")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers (default: from the CPU count).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="DataLoader workers (default: from the CPU count).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N images (sorted order).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the patched model (compile time reported apart).")]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+FailBelowOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--fail-below", help="OP@KEEP=TOP1: exit 1 if that point's top-1 is below TOP1 (repeatable)."),
+]
 
 
 def op_options(**options: Any) -> dict[str, Any]:
@@ -55,6 +60,8 @@ def op_options(**options: Any) -> dict[str, Any]:
 def split_names(text: str) -> list[str]:
     """'topk, grid' -> ['topk', 'grid']; 'all' -> every method (not the baseline, not the speed reference)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise TpoolError("--ops is empty: name one or more operators, or all")
     if names == ["all"]:
         return [name for name in operator_names() if name not in ("none", "drop")]
     return names
@@ -62,6 +69,8 @@ def split_names(text: str) -> list[str]:
 
 def parse_schedule_args(keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: float = 0.7):
     """(keeps, layers, tokens) from the CLI strings; keep defaults to ``default_keep`` without --tokens."""
+    if keep is not None and tokens is not None:
+        raise TpoolError("give --keep or --tokens, not both")
     keeps = parse_float_list(keep, "--keep") if keep is not None else None
     if keeps is None and tokens is None:
         keeps = (default_keep,)

@@ -272,6 +272,8 @@ def resolve_workload(model: Optional[str], data: Optional[str | Path], class_map
     from .output import stderr
 
     if data is None:
+        if class_map is not None:
+            raise TpoolError("--class-map goes with --data: the built-in demo brings its own class map")
         if model not in (None, DEMO_MODEL):
             raise TpoolError(f"--data DIR is required for {model} (an ImageNet-style folder DIR/<wnid>/<image>); "
                              f"the built-in demo data goes with --model {DEMO_MODEL}")

@@ -124,8 +124,13 @@ def load_model(
             source = "pretrained (timm cache/hub)"
     except TpoolError:
         raise
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TpoolError(f"could not load {name} with weights {weights}: {first[:300]}") from None
+    except Exception as exc:  # a corrupt or foreign checkpoint, a bad img_size: the user's input
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
+        what = f"weights {weights}" if weights is not None else ("random init" if random_init else "pretrained weights")
+        raise TpoolError(f"could not build {name} with {what}: {reason}") from None
+    from .patch import check_supported
+
+    check_supported(model)
     model.eval().to(device)
     return LoadedModel(model=model, name=name, weights=source, weights_sha256=sha, pretrained=not random_init)

@@ -81,3 +81,11 @@ def emit(payload: Any, csv_rows: Sequence[dict[str, Any]], fmt: str, output: Opt
         kind = "csv" if output.suffix == ".csv" or (fmt == "csv" and output.suffix != ".json") else "json"
         write_text(output, to_csv(csv_rows) if kind == "csv" else to_json(payload))
         stderr.print(f"wrote {output}")
+
+
+def token_path(counts: Sequence[int]) -> str:
+    """Token counts per block, shown where they change: [196, 196, 137, 137, 96] -> '196→137→96'."""
+    if not counts:
+        return ""
+    shown = [counts[0]] + [b for a, b in zip(counts, counts[1:]) if b != a]
+    return "→".join(map(str, shown))

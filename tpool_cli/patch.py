@@ -23,7 +23,7 @@ from torch import nn
 from .attention import attention_with_features
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
-from .ops.base import SIGNIFICANCE, ReduceContext
+from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext
 from .ops.common import hash32
 from .recon import reconstruction_error
 from .schedule import Schedule
@@ -150,7 +150,8 @@ class ReducingBlock(nn.Module):
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
+    """One clear error for models the patch cannot handle (not a timm ViT with pre-norm blocks)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not isinstance(blocks, nn.Sequential) or not hasattr(model, "num_prefix_tokens"):
         raise TpoolError(f"{type(model).__name__} is not a timm VisionTransformer: tpool patches ViT/DeiT-style models")
@@ -194,9 +195,11 @@ def patch(
     ``model.tpool_state.diagnostics`` (it computes the significance scores for the weighted error,
     so it changes nothing the operator sees but costs an explicit attention). Returns the model.
     """
-    _check_supported(model)
+    check_supported(model)
     unpatch(model)
     operator = op if isinstance(op, TokenOperator) else make_operator(op, **op_options)
+    if CLS_ATTN in operator.needs() and getattr(model, "cls_token", None) is None:
+        raise TpoolError(f"{operator.name} ranks tokens by class-token attention, and {type(model).__name__} has no class token")
     if schedule is None:
         schedule = Schedule(keep=keep, tokens=tokens, layers=layers)
     depth = len(model.blocks)

@@ -66,9 +66,6 @@ class Advance:
     def __call__(self, n: int) -> None:
         self.progress.advance(self.task, n)
 
-    def reset(self, description: Optional[str] = None, total: Optional[int] = None) -> None:
-        self.progress.reset(self.task, description=description, total=total)
-
 
 class RichSweepProgress:
     """A sweep's progress on stderr: points done / total with ETA, and a bar for the current point

@@ -67,14 +67,26 @@ def select_run(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
 
 
 def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
-    """Rows of ``out/results.jsonl`` (truncated last line recovered), current configuration only."""
-    from .sweep import RESULTS_FILE, ResultsStore
+    """Rows of the latest sweep in ``out``: the points its ``plan.json`` lists, in plan order.
+
+    Reads only (a truncated last line is skipped, not cut). Without a plan (results written by
+    hand or by an older tpool), the rows of the most recent run configuration.
+    """
+    from .sweep import PLAN_FILE, RESULTS_FILE, ResultsStore
 
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         raise TpoolError(f"no {RESULTS_FILE} in {out}: run `tpool pareto --out {out}` first")
     store = ResultsStore(path, log) if log else ResultsStore(path)
-    rows, others = select_run(store.read())
+    all_rows = store.read(repair=False)
+    plan = _read_plan(Path(out) / PLAN_FILE)
+    if plan is not None:
+        by_key = {r.get("key"): r for r in all_rows}
+        rows, others = [by_key[k] for k in plan if k in by_key], 0
+        if not rows:
+            rows, others = select_run(all_rows)
+    else:
+        rows, others = select_run(all_rows)
     if not rows:
         raise TpoolError(f"{path} holds no results")
     if others:
@@ -82,9 +94,23 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_plan(path: Path) -> Optional[list[str]]:
+    try:
+        keys = json.loads(path.read_text())["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else None
+
+
+REQUIRED_COLUMNS = ("op", "schedule", "keep", "top1", "top5", "gmacs", "model_only_img_s")
+
+
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per point with the derived columns: drop vs. baseline, GMACs saved, speedup, frontiers."""
     df = pd.DataFrame(rows)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise TpoolError(f"these results lack {', '.join(missing)}: not rows written by `tpool pareto`")
     base = df[df["op"] == "none"]
     if base.empty:
         raise TpoolError("the results have no baseline point (op none)")

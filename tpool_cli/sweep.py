@@ -26,12 +26,14 @@ from .errors import TpoolError
 from .device import dtype_label, resolve_amp, resolve_device
 from .evaluate import evaluate, model_config
 from .models import LoadedModel
+from .output import write_text
 from .ops import TokenOperator
 from .patch import patch, unpatch
 from .profile import build_configs
 from .schedule import Schedule
 
 RESULTS_FILE = "results.jsonl"
+PLAN_FILE = "plan.json"  # the point keys of the latest sweep, in order: what `tpool report` rebuilds
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 # What a result depends on; two points with equal values here are the same measurement.
 KEY_FIELDS = (
@@ -108,16 +110,17 @@ class ResultsStore:
 
     Appends are one ``os.write`` of a whole line on an ``O_APPEND`` descriptor followed by fsync,
     so a kill leaves either the complete line or, at worst, a truncated last line; :meth:`read`
-    detects a truncated (or otherwise unparsable) last line, warns, and cuts it off the file so the
-    next append starts on a clean line.
+    detects a truncated last line (no final newline: a line is always written whole, newline
+    included), warns, and, with ``repair``, cuts it off the file so the next append starts on a
+    clean line. A complete line that is not a JSON object is reported and ignored, never cut.
     """
 
     def __init__(self, path: Path, log: Log = _stderr_log) -> None:
         self.path = Path(path)
         self.log = log
 
-    def read(self) -> list[dict[str, Any]]:
-        """All complete rows, first occurrence of each key kept."""
+    def read(self, repair: bool = True) -> list[dict[str, Any]]:
+        """All complete rows, first occurrence of each key kept; ``repair=False`` never writes."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -140,11 +143,7 @@ class ResultsStore:
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
             except ValueError:
-                if number == len(lines):
-                    good_end -= len(line) + 1
-                    self.log(f"{self.path}: dropped an unreadable last line; that point will be evaluated again")
-                else:
-                    self.log(f"{self.path}: line {number} is not a JSON object; ignored")
+                self.log(f"{self.path}: line {number} is not a JSON object; ignored")
                 continue
             key = row.get("key")
             if key in seen:
@@ -152,7 +151,7 @@ class ResultsStore:
                 continue
             seen.add(key)
             rows.append(row)
-        if good_end < len(data):
+        if repair and good_end < len(data):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
                 fh.flush()
@@ -251,6 +250,7 @@ def run_sweep(
         planned.append((point, point_key(ident)))
     unpatch(net)
 
+    write_text(out / PLAN_FILE, json.dumps({"keys": [key for _, key in planned]}, indent=1) + "\n")
     existing = {row["key"]: row for row in store.read() if "key" in row}
     done: dict[str, dict[str, Any]] = {key: existing[key] for _, key in planned if key in existing}
     pending = [(p, k) for p, k in planned if k not in done]

@@ -408,13 +408,3 @@ def visualize(
         for file_stem, fig in figures:
             written.append(save_figure(fig, out_dir / f"{file_stem}.{fmt}", dpi=dpi, compact=compact))
     return written
-
-
-def visualize_files(
-    model: nn.Module, paths: Sequence[str | Path], ops: Sequence[str | TokenOperator], out_dir: str | Path, **kwargs: object
-) -> list[Path]:
-    """:func:`visualize` for image files: read and preprocess them for ``model``, then draw."""
-    images, config = load_images(paths, model)
-    kwargs.setdefault("mean", config["mean"])
-    kwargs.setdefault("std", config["std"])
-    return visualize(model, images, [Path(p).name for p in paths], ops, out_dir, **kwargs)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from ..cli_options import (
     AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
-from ..output import check_format, emit, make_table, stderr
+from ..output import check_format, emit, make_table, stderr, token_path
 
 # Timing knobs of bench alone. Timed calls are --steps, not --iters: --iters is the clustering option.
 BenchBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default 256 on CUDA, 8 on CPU).")]
@@ -95,7 +95,7 @@ def bench(
         columns += ["compile s (op)"]
     lines = []
     for r in rows:
-        line = [r["op"], r["schedule"], _path(r["tokens_per_block"]), r["op_gmacs"] if r["op_gmacs"] is not None else "",
+        line = [r["op"], r["schedule"], token_path(r["tokens_per_block"]), r["op_gmacs"] if r["op_gmacs"] is not None else "",
                 _num(r["baseline_img_s"]), _num(r["ideal_img_s"]), _num(r["op_img_s"]) if not r["error"] else "failed",
                 _ratio(r["op_vs_baseline"]), _ratio(r["op_vs_ideal"])]
         if compiled:
@@ -123,6 +123,3 @@ def _ratio(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def _path(path: list[int]) -> str:
-    counts = [path[0]] + [b for a, b in zip(path, path[1:]) if b != a]
-    return "→".join(map(str, counts))

@@ -14,7 +14,7 @@ from ..cli_options import (
     TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
-from ..output import check_format, emit, make_table, stderr
+from ..output import check_format, emit, make_table, stderr, token_path
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (--random-init): accuracy is meaningless, throughput and GMACs are real"
 
@@ -116,7 +116,7 @@ def _table(row: dict[str, Any]):
         ("images", f"{row['images']:,} of {row['files']:,} files" + (" (interrupted)" if row["interrupted"] else "")),
         ("skipped (unreadable)", str(row["skipped"])),
         ("GMACs / image", f"{row['gmacs']:.4f} ({row['reduction_pct']:.1f}% below the baseline {row['baseline_gmacs']:.4f})"),
-        ("patch tokens per block", "→".join(map(str, _path(row["patch_tokens"])))),
+        ("patch tokens per block", token_path(row["patch_tokens"])),
         ("model-only img/s", _fmt(row["model_only_img_s"], 1)),
         ("end-to-end img/s", _fmt(row["end_to_end_img_s"], 1)),
     ]
@@ -140,10 +140,3 @@ def _table(row: dict[str, Any]):
     return table
 
 
-def _path(counts: list[int]) -> list[int]:
-    """64,64,44,44,30 -> 64,44,30: the token counts where they change."""
-    out = counts[:1]
-    for c in counts[1:]:
-        if c != out[-1]:
-            out.append(c)
-    return out

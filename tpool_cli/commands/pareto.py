@@ -12,6 +12,7 @@ import typer
 
 from ..cli import app
 from ..cli_options import (
+    FailBelowOpt,
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
@@ -19,10 +20,6 @@ from ..cli_options import (
 from ..errors import TpoolError
 from ..output import check_format, stderr
 
-FailBelowOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--fail-below", help="OP@KEEP=TOP1: exit 1 if that point's top-1 is below TOP1 (repeatable)."),
-]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip points already in OUT/results.jsonl.")]
 CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, memory, or disk (memory-mapped under OUT/cache).")]
 
@@ -66,6 +63,7 @@ def pareto(
     from ..report import parse_gate
     from ..schedule import parse_float_list, parse_int_list
     from ..sweep import DEFAULT_KEEPS, plan_points, run_sweep
+    from .evaluate import RANDOM_WEIGHTS_NOTE
     from .report import finish_report
 
     check_format(fmt)
@@ -91,8 +89,11 @@ def pareto(
     loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
     if random_init:
         loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
-    if random_init:
-        stderr.print("[yellow]warning:[/yellow] RANDOM WEIGHTS (--random-init): accuracy is meaningless, throughput and GMACs are real")
+        stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
+    net = loaded.model
+    for point in points:  # a bad --layers/--tokens fails here, before OUT is touched
+        if point.schedule is not None:
+            point.schedule.validate(len(net.blocks), net.patch_embed.num_patches)
     stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
 
     with RichSweepProgress() as progress:

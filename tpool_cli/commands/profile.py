@@ -11,7 +11,7 @@ from ..cli_options import (
     FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
     PropAttnOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
-from ..output import check_format, emit, make_table, stderr
+from ..output import check_format, emit, make_table, stderr, token_path
 
 
 @app.command()
@@ -52,7 +52,7 @@ def profile(
         f"{model} @ {size}px: GMACs per image (fvcore, 1 multiply-add = 1 MAC)",
         ["op", "schedule", "patch tokens per block", "GMACs", "operator GMACs", "reduction %"],
         [
-            (r["op"], r["schedule"], _token_path(r["per_layer"]), r["gmacs"], r["operator_gmacs"], f"{r['reduction_pct']:.1f}")
+            (r["op"], r["schedule"], token_path([r["per_layer"][0]["tokens_in"]] + [layer["tokens_out"] for layer in r["per_layer"]]), r["gmacs"], r["operator_gmacs"], f"{r['reduction_pct']:.1f}")
             for r in rows
         ],
         caption=f"params {rows[0]['params'] / 1e6:.2f} M; {rows[0]['num_prefix_tokens']} prefix token(s) on top of the patch tokens",
@@ -65,11 +65,6 @@ def profile(
         stderr.print(f"[dim]not counted (elementwise or selection ops, no multiply-adds): {', '.join(uncounted)}[/dim]")
     csv_rows = [{k: v for k, v in r.items() if k != "per_layer"} for r in rows]
     emit({"model": model, "img_size": size, "results": rows}, csv_rows, fmt, output, tables)
-
-
-def _token_path(per_layer: list[dict]) -> str:
-    counts = [per_layer[0]["tokens_in"]] + [layer["tokens_out"] for layer in per_layer if layer["tokens_out"] != layer["tokens_in"]]
-    return "→".join(map(str, counts))
 
 
 def _layer_table(row: dict):

@@ -53,7 +53,7 @@ def recon(
     work = resolve_workload(model, data, None, "recon")
     model, data = work.model, work.data
     if not data.is_dir():  # fail before loading a model
-        raise TpoolError(f"--data must be a folder of images, not found: {data}")
+        raise TpoolError(f"--data must be a folder of images: {data} " + ("is a file" if data.exists() else "not found"))
     import torch
 
     torch.manual_seed(seed)  # --random-init weights are then reproducible too

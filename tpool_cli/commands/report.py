@@ -9,14 +9,10 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 
 from ..cli import app
-from ..cli_options import FormatOpt, OutputOpt
+from ..cli_options import FailBelowOpt, FormatOpt, OutputOpt
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr, stdout, to_csv, to_json
 
-FailBelowOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--fail-below", help="OP@KEEP=TOP1: exit 1 if that point's top-1 is below TOP1 (repeatable)."),
-]
 
 
 @app.command()

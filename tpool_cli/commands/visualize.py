@@ -46,7 +46,7 @@ def visualize(
 ) -> None:
     """Draw, per reduction layer, which patches each token stands for (merged, kept or pruned).
 
-    `--ops all` (default) draws every registered operator except `none`. Prints the written files.
+    `--ops all` (default) draws every method (not `none`, not the speed reference `drop`). Prints the written files.
     """
     from ..demo import DEMO_MODEL, demo_images
     from ..models import DEFAULT_MODEL, load_model

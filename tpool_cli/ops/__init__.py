@@ -39,11 +39,6 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
 register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 
-def option_names(name: str) -> set[str]:
-    """The options an operator accepts."""
-    return {f.name for f in fields(get_operator_class(name))}
-
-
 def get_operator_class(name: str) -> type[TokenOperator]:
     try:
         return _OPERATORS[name]
@@ -75,6 +70,5 @@ __all__ = [
     "TokenOperator",
     "make_operator",
     "operator_names",
-    "option_names",
     "register",
 ]

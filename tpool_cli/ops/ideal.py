@@ -9,7 +9,8 @@ split-off prefix tokens, the concatenation), so operator/ideal isolates what the
 and the features it asks for cost.
 
 Its accuracy is meaningless (which patches survive depends only on their position), so it is not
-offered as a method anywhere; the registry lists it so that the one mechanism runs it.
+part of `--ops all` or any sweep default (`--op drop` runs it on purpose); the registry lists it so
+that the one mechanism runs it.
 """
 
 from __future__ import annotations
