@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .errors import TpoolError
-from .ops import operator_names
+from .ops import get_operator_class, operator_names
 from .schedule import parse_float_list, parse_int_list
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (ViT/DeiT family).")]
@@ -64,6 +64,8 @@ def split_names(text: str) -> list[str]:
         raise TpoolError("--ops is empty: name one or more operators, or all")
     if names == ["all"]:
         return [name for name in operator_names() if name not in ("none", "drop")]
+    for name in names:
+        get_operator_class(name)  # an unknown name fails here, before any model or data is touched
     return names
 
 

@@ -75,12 +75,13 @@ def pareto(
     token_list = parse_int_list(tokens, "--tokens")
     if token_list is not None and keep is not None:
         raise TpoolError("give --keep or --tokens, not both")
+    names = split_names(ops)  # bad --ops fail before the demo is announced
     work = resolve_workload(model, data, class_map, "pareto")
     model = work.model
     default_keeps = DEMO_KEEPS if work.demo else DEFAULT_KEEPS
     keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list is not None else default_keeps)
     points = plan_points(
-        split_names(ops), keeps, parse_int_list(layers, "--layers"), token_list,
+        names, keeps, parse_int_list(layers, "--layers"), token_list,
         **op_options(score=score, iters=iters, init=init, features=features),
     )
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
