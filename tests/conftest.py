@@ -31,6 +31,17 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for every test, as the test subprocesses get (OMP_NUM_THREADS=1): the tiny
+    models gain nothing from more, and on a shared 2-core machine oversubscribed threads make them
+    10-100x slower. Results do not depend on it (tests that compare outputs run both sides alike)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     torch.manual_seed(1)

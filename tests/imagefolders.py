@@ -22,17 +22,6 @@ from timm.data import ImageNetInfo
 CKPT_MODEL = "vit_tiny_patch16_224"  # 1000-way head; built at a small img_size to stay fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the test subprocesses get (OMP_NUM_THREADS=1): the tiny models here
-    gain nothing from more, and on a shared 2-core machine oversubscribed threads are 10-100x slower.
-    Import it into a test module to apply it there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synsets() -> list[str]:
     return list(ImageNetInfo().label_names())
 

@@ -34,15 +34,6 @@ INDUCTOR = OPS if os.environ.get("TPOOL_COMPILE_ALL") else ["random"]
 SCHEDULE = dict(keep=0.5, layers=(1, 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU punishes thread wake-ups."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     return torch.randn(2, 3, 32, 32, generator=gen), torch.randn(2, 3, 32, 32, generator=gen)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from imagefolders import (  # noqa: F401 (one_thread: autouse)
-    CKPT_MODEL, constant_checkpoint, foolbox_images, imagenet_folder, one_thread, photos_as, random_checkpoint, synsets,
+from imagefolders import (
+    CKPT_MODEL, constant_checkpoint, foolbox_images, imagenet_folder, photos_as, random_checkpoint, synsets,
 )
 from tpool_cli.cli import main
 from tpool_cli.data import data_config, decode_once, scan_folder

@@ -2,7 +2,6 @@
 
 import pytest
 import timm
-import torch
 
 from tpool_cli.flops import count_flops
 from tpool_cli.patch import patch

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imagefolders import CKPT_MODEL, one_thread, random_checkpoint, small_label_space  # noqa: F401 (autouse)
+from imagefolders import CKPT_MODEL, random_checkpoint, small_label_space
 from tpool_cli.cli import main
 from tpool_cli.data import scan_folder
 from tpool_cli.evaluate import evaluate

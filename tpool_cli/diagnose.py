@@ -11,7 +11,7 @@ comparison; later rows compare operators on the tokens their own earlier reducti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

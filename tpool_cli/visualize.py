@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import data_config, load_images
+from .data import data_config
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .patch import patch, unpatch
@@ -42,7 +42,6 @@ from .schedule import Schedule
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from PIL import Image
     from matplotlib.figure import Figure
 
 ColourMode = Literal["mean", "palette"]
