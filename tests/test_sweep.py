@@ -127,18 +127,26 @@ def test_corrupted_last_line_is_recovered_and_only_that_point_rerun(setup, tmp_p
 def test_other_configurations_are_never_reused(setup, tmp_path):
     out = tmp_path / "out"
     loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
-    points = plan_points(["topk"], [0.5])
-    a = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, workers=0, class_map=setup["class_map"])
-    b = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"])  # other data: other fingerprint
-    c = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, workers=0, seed=1, class_map=setup["class_map"])  # other operator seed
+    points = plan_points(["random"], [0.5])
+    common = dict(workers=0, class_map=setup["class_map"])
+    a = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, **common)
+    b = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, **common)  # other data: other fingerprint
+    c = run_sweep(loaded, setup["data"], points, out, limit=4, batch_size=4, seed=1, **common)  # other seed of `random`
     assert (a.evaluated, b.evaluated) == (2, 2)
     assert (c.evaluated, c.reused) == (1, 1)  # the baseline does not depend on the operator's seed
     assert len(lines(out / "results.jsonl")) == 5
-    d = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"])
+    d = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, **common)
     assert (d.evaluated, d.reused) == (0, 2)
-    e = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, workers=0, class_map=setup["class_map"], resume=False)
+    f = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=2, **common)  # other batch: other timings
+    assert (f.evaluated, f.reused) == (2, 0)
+    g = run_sweep(loaded, setup["data"], plan_points(["topk"], [0.5]), out, limit=4, batch_size=4, seed=3, **common)
+    h = run_sweep(loaded, setup["data"], plan_points(["topk"], [0.5]), out, limit=4, batch_size=4, seed=4, **common)
+    assert (g.evaluated, h.evaluated, h.reused) == (1, 0, 2)  # a deterministic operator ignores the seed
+    e = run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, resume=False, **common)
     assert (e.evaluated, e.reused) == (2, 0)
-    assert len(lines(out / "results.jsonl.old")) == 5 and len(lines(out / "results.jsonl")) == 2
+    assert len(lines(out / "results.jsonl.old")) == 8 and len(lines(out / "results.jsonl")) == 2
+    run_sweep(loaded, setup["data"], points, out, limit=5, batch_size=4, resume=False, **common)
+    assert len(lines(out / "results.jsonl.old")) == 8 and len(lines(out / "results.jsonl.old.2")) == 2  # never overwritten
 
 
 def test_cached_sweep_top1_equals_uncached_evaluation_for_every_point(setup, tmp_path):

@@ -118,7 +118,7 @@ def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict
         "tokens": list(schedule.tokens) if reduces and schedule.tokens else None,
         "schedule": schedule.describe(depth) if reduces else "baseline",
         "prop_attn": bool(state.prop_attn) if reduces else False,
-        "seed": int(state.seed) if reduces else 0,
+        "seed": int(state.seed) if reduces and operator.draws_random else 0,  # deterministic ops: any seed, same result
         "img_size": int(size[0]) if size is not None else None,
         "num_classes": int(getattr(model, "num_classes", 0)),
     }
@@ -200,7 +200,8 @@ def evaluate(
         raise TpoolError(f"--workers must be >= 0, got {workers}")
 
     cfg = data_config(net)
-    if isinstance(data, DecodedImages):
+    from_cache = isinstance(data, DecodedImages)
+    if from_cache:
         folder, cache = data.folder, data
         if data.cfg != cfg:
             raise TpoolError(f"the decoded images were preprocessed for {data.cfg['input_size']} input, the model needs {cfg['input_size']}")
@@ -303,7 +304,8 @@ def evaluate(
         correct5=c5,
         skipped=skipped,
         model_only_ips=model_ips,
-        end_to_end_ips=images / elapsed if images and elapsed > 0 else None,
+        # from a decode-once cache the loop reads no file: there is no end-to-end figure to give
+        end_to_end_ips=images / elapsed if images and elapsed > 0 and not from_cache else None,
         eval_seconds=elapsed,
         model_seconds=model_seconds,
         timed_images=timed_images,

@@ -23,8 +23,8 @@ import torch
 
 from .data import ImageFolder, data_config, decode_once, fingerprint, scan_folder
 from .errors import TpoolError
-from .device import dtype_label, resolve_amp, resolve_device
-from .evaluate import evaluate, model_config
+from .device import device_name, dtype_label, resolve_amp, resolve_device
+from .evaluate import evaluate, model_config, versions
 from .models import LoadedModel
 from .output import write_text
 from .ops import TokenOperator
@@ -39,6 +39,8 @@ DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 KEY_FIELDS = (
     "model", "weights_id", "data_fingerprint", "op", "op_options", "keep", "tokens", "layers", "img_size",
     "dtype", "device", "prop_attn", "seed",
+    # throughput depends on these too: a point timed otherwise is not reused next to fresh ones
+    "device_name", "batch_size", "compile", "torch", "timm",
 )
 
 Log = Callable[[str], None]
@@ -224,7 +226,8 @@ def run_sweep(
 ) -> SweepResult:
     """Evaluate every point not yet in ``out/results.jsonl`` from one decode-once cache.
 
-    ``resume=False`` moves an existing results file aside (``results.jsonl.old``) and starts over.
+    ``resume=False`` moves an existing results file aside (``results.jsonl.old``, then ``.old.2``...,
+    never overwriting one) and starts over.
     ``cache``: where the decoded images live ('auto', 'memory', 'disk' under ``out/cache``).
     Ctrl-C stops after recording the points finished so far (``interrupted=True``).
     """
@@ -233,8 +236,9 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out / RESULTS_FILE, log)
     if not resume and store.path.exists():
-        store.path.replace(store.path.with_name(RESULTS_FILE + ".old"))
-        log(f"--no-resume: moved the earlier results to {store.path.name}.old")
+        aside = next(p for n in range(1, 10_000) if not (p := store.path.with_name(f"{RESULTS_FILE}.old{'' if n == 1 else f'.{n}'}")).exists())
+        store.path.replace(aside)
+        log(f"--no-resume: moved the earlier results to {aside.name}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype_label(resolve_amp(amp, dev))
     folder = data if isinstance(data, ImageFolder) else scan_folder(data, class_map=class_map, limit=limit)
@@ -246,7 +250,10 @@ def run_sweep(
     planned: list[tuple[Point, str]] = []
     for point in points:
         point.apply(net, prop_attn=prop_attn, seed=seed)
-        ident = {**model_config(net, model), "data_fingerprint": fp, "dtype": dtype, "device": dev.type}
+        ident = {
+            **model_config(net, model), **versions(), "data_fingerprint": fp, "dtype": dtype, "device": dev.type,
+            "device_name": device_name(dev), "batch_size": batch_size, "compile": compile,
+        }
         planned.append((point, point_key(ident)))
     unpatch(net)
 

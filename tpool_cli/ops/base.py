@@ -56,6 +56,8 @@ class TokenOperator:
     summary: ClassVar[str] = ""
     # True when output tokens stand for groups of inputs (sizes sum to N); False for pruning.
     merges: ClassVar[bool] = False
+    # True when the output depends on the patch's seed (random selection); results key on it then.
+    draws_random: ClassVar[bool] = False
 
     def needs(self) -> frozenset[str]:
         """The block features (see FEATURES) this operator reads from the context."""

@@ -60,6 +60,7 @@ class RandomSelect(TokenOperator):
 
     name = "random"
     summary = "keep K tokens chosen uniformly at random (seeded)"
+    draws_random = True
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         scores = hash_uniform(ctx.seed, x.shape[0], x.shape[1], x.device)
