@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import tpool_cli.ops.clustering as cl  # noqa: E402
 from tpool_cli.attention import attention_with_features  # noqa: E402
+from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operator  # noqa: E402
 from tpool_cli.ops.base import ReduceContext  # noqa: E402
 
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.7)
     args = parser.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
 
     def sync() -> None:
         if dev.type == "cuda":

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
 from tpool_cli.attention import attention_with_features  # noqa: E402
+from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operator, operator_names  # noqa: E402
 from tpool_cli.ops.base import FEATURES, ReduceContext, Reduction, TokenOperator  # noqa: E402
 from tpool_cli.patch import Reducer, ReducingBlock, ReductionState  # noqa: E402
@@ -87,6 +88,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     repeats = args.repeats or (50 if device.type == "cuda" else 10)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
@@ -101,7 +104,6 @@ def main() -> None:
     with torch.no_grad(), autocast:
         _, all_features = attention_with_features(block.attn, block.norm1(x), None, frozenset(FEATURES), 1)
     sizes = torch.ones(args.batch, n, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
 
     candidates: dict[str, Callable[[], object]] = {"block": lambda: block(x)}
     fused = lambda: attention_with_features(block.attn, block.norm1(x), None, frozenset(), 1)  # noqa: E731
@@ -112,7 +114,7 @@ def main() -> None:
     realised = {}
     for op in ops:
         needs = op.needs()
-        ctx = ReduceContext(sizes=sizes, grid=grid, generator=generator, **{f: all_features[f] for f in needs})
+        ctx = ReduceContext(sizes=sizes, grid=grid, seed=0, **{f: all_features[f] for f in needs})
         realised[op.name] = op.realise(n, k, grid)
         candidates[f"{op.name}: op"] = (lambda op=op, ctx=ctx, kk=realised[op.name]: op.reduce(patches, kk, ctx))
         candidates[f"{op.name}: attention + features"] = (

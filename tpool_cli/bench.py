@@ -33,7 +33,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from .device import device_name, dtype_label, resolve_amp, resolve_device, synchronize
+from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .errors import TpoolError
 from .output import token_path as describe_tokens
 from .ops import TokenOperator, make_operator
@@ -43,6 +43,14 @@ from .schedule import Schedule
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IDEAL_OP = "drop"
 SKIPPED = "skipped: time budget"
+# (batch size, warm-up calls, timed calls per run) when not given: the issue's setting on CUDA,
+# something that ends on a CPU
+TIMING_DEFAULTS = {"cuda": (256, 10, 50), "cpu": (8, 3, 5)}
+
+
+def timing_defaults(device: torch.device) -> tuple[int, int, int]:
+    """(batch size, warm-up, steps) that ``tpool bench`` uses on ``device`` unless told otherwise."""
+    return TIMING_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +392,8 @@ def bench(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     amp = resolve_amp(settings.amp, dev)
     say = progress or (lambda message: None)
+    if dev.type == "cpu":
+        steady_host_allocator()  # otherwise a variant's speed depends on what ran before it (see device.py)
     interleave = not settings.compile
     unpatch(model)
     model.eval().to(dev)

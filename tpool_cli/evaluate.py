@@ -37,7 +37,7 @@ from .data import (
     DecodedImages, Decoder, ImageFolder, ProgressFn, data_config, folder_loader, normalize, scan_folder,
 )
 from .errors import TpoolError
-from .device import device_name, dtype_label, resolve_amp, resolve_device, synchronize
+from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .models import LoadedModel
 
 def versions() -> dict[str, str]:
@@ -217,6 +217,8 @@ def evaluate(
         )
 
     net.eval().to(dev)
+    if dev.type == "cpu":
+        steady_host_allocator()  # CPU img/s must not depend on malloc's history (see device.py)
     config = model_config(net, loaded)
     if count:
         from .flops import count_flops

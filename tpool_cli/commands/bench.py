@@ -20,9 +20,6 @@ StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Timed calls pe
 RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Timed runs; throughput is their median.")]
 CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode with --compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")]
 
-# (batch size, warmup, steps) when not given: the issue's setting on CUDA, something that ends on a CPU
-DEFAULTS = {"cuda": (256, 10, 50), "cpu": (8, 3, 5)}
-
 
 @app.command()
 def bench(
@@ -54,7 +51,7 @@ def bench(
     Random weights and synthetic images (speed depends on neither); the device is synchronised
     around every timed run. Ratios operator/baseline and operator/ideal come from one run.
     """
-    from ..bench import BenchSettings, bench as run_bench
+    from ..bench import BenchSettings, bench as run_bench, timing_defaults
     from ..device import resolve_amp, resolve_device
     from ..models import load_model
     from ..profile import build_configs
@@ -62,7 +59,7 @@ def bench(
     check_format(fmt)
     dev = resolve_device(device)
     resolve_amp(amp, dev)  # a bad --amp fails before the model is built
-    default_batch, default_warmup, default_steps = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
+    default_batch, default_warmup, default_steps = timing_defaults(dev)
     settings = BenchSettings(
         batch_size=batch_size if batch_size is not None else default_batch,
         img_size=img_size,
