@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything we measure on a GPU machine, in one go, within about 6 minutes of wall clock.
+# Everything we measure on a GPU machine, in one go, within about 8 minutes of wall clock.
 #
 # Run from the repository root on a fresh GPU machine where torch, timm, typer, rich, pandas and
 # matplotlib are installed and fvcore (+ iopath, yacs, termcolor) is importable through PYTHONPATH:
@@ -7,14 +7,18 @@
 #     OUT=/some/folder bash benchmarks/gpu_run.sh
 #
 # Writes under $OUT: env.txt, gpu/{eager.json,compile.json,gpu.md} (issue 7's table), gpu.md (a
-# copy), cli_bench.json, logs/<section>.log and sections.txt (exit status and seconds per section).
+# copy), cli_bench.json, operators_0.7.md / operators_0.5.md (benchmarks/operators.py),
+# distance_precision.txt, logs/<section>.log and sections.txt (exit status and seconds per section).
 # Every section runs under `timeout` and the script carries on whatever a section does; results
-# are written row by row, so a section cut short still leaves what it measured.
+# are written row by row, so a section cut short still leaves what it measured. The sections'
+# timeouts add up to 540 s: the whole run fits one 600 s device call, pip install included.
 #
 # Tunables (environment): EAGER_BUDGET / COMPILE_BUDGET seconds after which no new variant starts
-# (defaults 90 / 120; the section timeouts are these + 40 / + 60), KEEPS (default 0.7,0.5),
+# (defaults 90 / 110; the section timeouts are these + 40 / + 50), KEEPS (default 0.7,0.5),
 # OPS (default: every registered operator, in gpu.py's priority order), STEPS (timed calls per
-# repeat, default 20), BATCH (default 256), MODEL (default deit_small_patch16_224).
+# repeat, default 20), BATCH (default 256), MODEL (default deit_small_patch16_224), DEVICE
+# (default cuda; cpu for a dry run of the script), COMPILE_BACKEND (default inductor; aot_eager
+# for a quick dry run).
 set -u
 
 OUT="${OUT:?set OUT to the output folder}"
@@ -23,7 +27,9 @@ BATCH="${BATCH:-256}"
 KEEPS="${KEEPS:-0.7,0.5}"
 STEPS="${STEPS:-20}"
 EAGER_BUDGET="${EAGER_BUDGET:-90}"
-COMPILE_BUDGET="${COMPILE_BUDGET:-120}"
+COMPILE_BUDGET="${COMPILE_BUDGET:-110}"
+DEVICE="${DEVICE:-cuda}"
+COMPILE_BACKEND="${COMPILE_BACKEND:-inductor}"
 OPS_ARG=()
 if [ -n "${OPS:-}" ]; then OPS_ARG=(--ops "$OPS"); fi
 export HF_HUB_OFFLINE=1
@@ -62,27 +68,28 @@ EOF"
 cp "$OUT/logs/env.log" "$OUT/env.txt" 2>/dev/null
 
 # 1. Eager: baseline, ideal, every operator at each keep rate; sync debug check per operator
-section eager $(( EAGER_BUDGET + 40 )) "$PY" benchmarks/gpu.py --mode eager --model "$MODEL" --batch-size "$BATCH" \
-    --keep "$KEEPS" --steps "$STEPS" --time-budget "$EAGER_BUDGET" --out "$OUT/gpu" ${OPS_ARG[@]+"${OPS_ARG[@]}"}
+section eager $(( EAGER_BUDGET + 40 )) "$PY" benchmarks/gpu.py --mode eager --device "$DEVICE" --model "$MODEL" \
+    --batch-size "$BATCH" --keep "$KEEPS" --steps "$STEPS" --time-budget "$EAGER_BUDGET" --out "$OUT/gpu" ${OPS_ARG[@]+"${OPS_ARG[@]}"}
 
-# 2. torch.compile (mode default): all operators at the first keep rate, then the next, until the
-#    budget; operators that failed in eager are not compiled; GMACs come from the eager run.
-section compile $(( COMPILE_BUDGET + 60 )) "$PY" benchmarks/gpu.py --mode compile --model "$MODEL" --batch-size "$BATCH" \
-    --keep "$KEEPS" --steps "$STEPS" --time-budget "$COMPILE_BUDGET" --no-gmacs \
-    --skip-failed "$OUT/gpu/eager.json" --out "$OUT/gpu" ${OPS_ARG[@]+"${OPS_ARG[@]}"}
+# 2. Each operator next to the DeiT-S block it sits in (op / block, reducing block / ideal), keep 0.7 then 0.5
+section operators_0.7 50 bash -c "set -o pipefail; '$PY' benchmarks/operators.py --device '$DEVICE' --batch '$BATCH' --keep 0.7 | tee '$OUT/operators_0.7.md'"
+section operators_0.5 40 bash -c "set -o pipefail; '$PY' benchmarks/operators.py --device '$DEVICE' --batch '$BATCH' --keep 0.5 | tee '$OUT/operators_0.5.md'"
 
-# 3. The CLI itself on CUDA (defaults: batch 256, bf16), one operator, JSON
-section cli_bench 60 "$PY" -m tpool_cli bench --model "$MODEL" --op topk --keep 0.7 --steps 10 --repeats 2 \
-    --format json --output "$OUT/cli_bench.json"
+# 3. What the float32 distance matmul costs, and which assignments tf32/bf16 would change
+section distance_precision 40 bash -c "set -o pipefail; '$PY' benchmarks/distance_precision.py --device '$DEVICE' --batch '$BATCH' | tee '$OUT/distance_precision.txt'"
 
-# 4. Hooks for the other measurements (uncomment when those scripts/commands exist on the branch
-#    and the time allows; each keeps its own timeout so the table above is never lost):
-# section operators 90 "$PY" benchmarks/operators.py --device cuda --out "$OUT/operators"
-# section evaluate 120 "$PY" -m tpool_cli evaluate --device cuda --model "$MODEL" --weights WEIGHTS --data DATA \
-#     --op topk,wkmedoids --keep 0.7 --format json --output "$OUT/evaluate.json"
-# section sweep 180 "$PY" benchmarks/sweep.py --device cuda --out "$OUT/sweep"
+# 4. The CLI itself (defaults on CUDA: batch 256, bf16), one operator, JSON
+section cli_bench 50 "$PY" -m tpool_cli bench --device "$DEVICE" --model "$MODEL" -b "$BATCH" --op topk --keep 0.7 \
+    --steps 10 --repeats 2 --format json --output "$OUT/cli_bench.json"
 
-# 5. The Markdown table from whatever the sections left
+# 5. torch.compile (mode default), last because it is the slowest: all operators at the first keep
+#    rate, then the next, until the budget; operators that failed in eager are not compiled; GMACs
+#    come from the eager run.
+section compile $(( COMPILE_BUDGET + 50 )) "$PY" benchmarks/gpu.py --mode compile --device "$DEVICE" --model "$MODEL" \
+    --batch-size "$BATCH" --keep "$KEEPS" --steps "$STEPS" --time-budget "$COMPILE_BUDGET" --no-gmacs \
+    --compile-backend "$COMPILE_BACKEND" --skip-failed "$OUT/gpu/eager.json" --out "$OUT/gpu" ${OPS_ARG[@]+"${OPS_ARG[@]}"}
+
+# 6. The Markdown table from whatever the sections left
 section render 30 "$PY" benchmarks/gpu.py --render --out "$OUT/gpu"
 cp "$OUT/gpu/gpu.md" "$OUT/gpu.md" 2>/dev/null
 log "done; sections:"
