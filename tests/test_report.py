@@ -184,3 +184,31 @@ def test_report_rebuilds_the_latest_sweep_only(tmp_path):
 def test_foreign_rows_are_one_clear_error():
     with pytest.raises(TpoolError, match="lack top1"):
         results_frame([{k: v for k, v in r.items() if k != "top1"} for r in ROWS])
+
+
+def test_bench_figures_replace_the_model_only_speed(tmp_path):
+    """With `pareto --bench` figures, speedup and the speed frontier are the same-run bench ratios."""
+    from tpool_cli.report import has_bench, point_table
+
+    ratios = {"none-1.0": 1.0, "topk-0.9": 1.1, "topk-0.7": 1.3, "topk-0.5": 1.2, "grid-0.9": 1.05, "grid-0.7": 1.25, "grid-0.5": 1.6}
+    bench = [
+        dict(r, bench_img_s=500.0 * ratios[r["key"]], bench_vs_baseline=ratios[r["key"]], bench_vs_ideal=0.9, bench_run="1",
+             bench_batch_size=8, bench_dtype="bf16", bench_compile=False, bench_steps=5, bench_repeats=3, bench_error=None)
+        for r in ROWS
+    ]
+    assert not has_bench(results_frame(ROWS)) and has_bench(results_frame(bench))
+    df = results_frame(bench).set_index("key")
+    assert df.loc["topk-0.7", "speedup"] == 1.3  # not model-only 1400/1000
+    assert df.loc["grid-0.5", "frontier_speed"] and not df.loc["topk-0.5", "frontier_speed"]  # slower than topk-0.7, worse
+    headers, cells = point_table(results_frame(bench))
+    assert headers[-3:] == ["bench img/s", "speedup", "of ideal"] and headers.count("speedup") == 1
+    md = write_report(tmp_path, bench)
+    text = (tmp_path / "pareto.md").read_text()
+    assert "- bench: 500 img/s baseline; batch 8, bf16, eager, median of 3 runs of 5 calls" in text
+    assert "figures from" not in text and "failed to time" not in text
+    assert md.frame["speedup"].tolist() == results_frame(bench)["speedup"].tolist()
+    mixed = [dict(r, bench_run=str(i % 2)) for i, r in enumerate(bench)]
+    mixed[2]["bench_error"] = "RuntimeError: boom"
+    write_report(tmp_path, mixed)
+    text = (tmp_path / "pareto.md").read_text()
+    assert "figures from 2 bench runs (each ratio within its run)" in text and "**1 point(s) failed to time**" in text

@@ -196,3 +196,84 @@ def test_pareto_errors_are_one_line(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["report", str(tmp_path / "nothing")])
     assert info.value.code == 2 and "no results.jsonl" in capsys.readouterr().err
+
+
+def test_bench_figures_join_the_sweep_and_are_reused(setup, tmp_path):
+    """pareto --bench: every point timed once (baseline and ideal in the same run), kept in bench.jsonl,
+    merged into the rows and the report; a rerun times nothing, a new point only itself."""
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.report import load_rows, results_frame
+
+    out = tmp_path / "out"
+    quick = BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1)
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    common = dict(class_map=setup["class_map"], limit=4, batch_size=4, workers=0, bench=quick)
+    points = plan_points(["topk", "grid"], [0.5])
+    first = run_sweep(loaded, setup["data"], points, out, **common)
+    assert (first.evaluated, first.benched) == (3, 3)
+    bench_rows = lines(out / "bench.jsonl")
+    assert len(bench_rows) == 3 and len({r["bench_run"] for r in bench_rows}) == 1
+    by_op = {r["op"]: r for r in first.rows}
+    base = by_op["none"]
+    assert base["bench_vs_baseline"] == 1.0 and base["bench_img_s"] == base["bench_baseline_img_s"] > 0
+    for op in ("topk", "grid"):
+        r = by_op[op]
+        assert r["bench_error"] is None and r["bench_img_s"] > 0 and r["bench_baseline_img_s"] == base["bench_img_s"]
+        assert r["bench_vs_baseline"] == pytest.approx(r["bench_img_s"] / r["bench_baseline_img_s"], rel=1e-3)
+        assert r["bench_vs_ideal"] == pytest.approx(r["bench_img_s"] / r["bench_ideal_img_s"], rel=1e-3)
+        assert (r["bench_batch_size"], r["bench_steps"], r["bench_dtype"], r["bench_compile"]) == (2, 1, "fp32", False)
+    assert load_rows(out) == first.rows  # tpool report sees the same figures
+    df = results_frame(first.rows)
+    assert df.set_index("op").loc["topk", "speedup"] == by_op["topk"]["bench_vs_baseline"]
+
+    again = run_sweep(loaded, setup["data"], points, out, **common)
+    assert (again.evaluated, again.benched) == (0, 0) and again.rows == first.rows
+    more = run_sweep(loaded, setup["data"], plan_points(["topk", "grid", "random"], [0.5]), out, **common)
+    assert (more.evaluated, more.benched) == (1, 1)  # only the new point; its ratios are against its own run's baseline
+    assert len(lines(out / "bench.jsonl")) == 4
+    new = next(r for r in more.rows if r["op"] == "random")
+    assert new["bench_run"] and new["bench_vs_baseline"] == pytest.approx(new["bench_img_s"] / new["bench_baseline_img_s"], rel=1e-3)
+    slower = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": BenchSettings(batch_size=2, warmup=0, steps=2, repeats=1)})
+    assert (slower.evaluated, slower.benched) == (0, 3)  # other timing settings: other figures
+    plain = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": None})
+    assert plain.benched == 0 and "bench_img_s" not in plain.rows[0] and "bench_img_s" not in load_rows(out)[0]
+
+
+def test_pareto_bench_cli(setup, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = [*pareto_args(setup, out), "--ops", "topk", "--keep", "0.5", "--limit", "4", "--bench", "--bench-steps", "1",
+            "--bench-repeats", "1", "--bench-batch-size", "2"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 0, err
+    assert "timed 2 point(s) with tpool bench" in err
+    md = (out / "pareto.md").read_text()
+    assert "- bench: " in md and "batch 2, fp32, eager, median of 1 runs of 1 calls" in md and "| of ideal |" in md
+    assert "bench_vs_ideal" in (out / "results.csv").read_text().splitlines()[0]
+    produced = {name: (out / name).read_bytes() for name in ("pareto.md", "results.csv", "top1_vs_speed.svg")}
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(out)])
+    assert info.value.code == 0 and {name: (out / name).read_bytes() for name in produced} == produced
+    with pytest.raises(SystemExit) as info:
+        main([*pareto_args(setup, out), "--bench-steps", "3"])
+    assert info.value.code == 2 and "go with --bench" in capsys.readouterr().err
+
+
+def test_interrupted_bench_pass_keeps_every_accuracy_point(setup, tmp_path):
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.sweep import SweepProgress
+
+    class CtrlC(SweepProgress):
+        def bench(self, message: str) -> None:
+            if "timed round" in message:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    common = dict(class_map=setup["class_map"], limit=4, batch_size=4, workers=0, bench=BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1))
+    points = plan_points(["grid"], [0.5])
+    cut = run_sweep(loaded, setup["data"], points, out, progress=CtrlC(), **common)
+    assert cut.interrupted and cut.evaluated == 2 and len(cut.rows) == 2 and not (out / "bench.jsonl").exists()
+    resumed = run_sweep(loaded, setup["data"], points, out, **common)
+    assert (resumed.evaluated, resumed.reused, resumed.benched) == (0, 2, 2) and not resumed.interrupted

@@ -102,3 +102,6 @@ class RichSweepProgress:
     def point_done(self, row: dict) -> None:
         if self.points is not None:
             self.progress.advance(self.points, 1)
+
+    def bench(self, message: str) -> None:
+        self.progress.console.print(f"[dim]bench: {message.strip()}[/dim]", highlight=False)

@@ -70,9 +70,11 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     """Rows of the latest sweep in ``out``: the points its ``plan.json`` lists, in plan order.
 
     Reads only (a truncated last line is skipped, not cut). Without a plan (results written by
-    hand or by an older tpool), the rows of the most recent run configuration.
+    hand or by an older tpool), the rows of the most recent run configuration. When the plan has
+    bench keys (``tpool pareto --bench``), each row gets its figures from ``bench.jsonl``.
     """
     from .sweep import PLAN_FILE, RESULTS_FILE, ResultsStore
+    from .sweep_bench import merge_bench, read_bench
 
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
@@ -82,9 +84,11 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     plan = _read_plan(Path(out) / PLAN_FILE)
     if plan is not None:
         by_key = {r.get("key"): r for r in all_rows}
-        rows, others = [by_key[k] for k in plan if k in by_key], 0
+        rows, others = [by_key[k] for k in plan["keys"] if k in by_key], 0
         if not rows:
             rows, others = select_run(all_rows)
+        else:
+            rows = merge_bench(rows, read_bench(Path(out), plan["bench"], log))
     else:
         rows, others = select_run(all_rows)
     if not rows:
@@ -94,12 +98,18 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_plan(path: Path) -> Optional[list[str]]:
+def _read_plan(path: Path) -> Optional[dict[str, Any]]:
+    """{"keys": [point key, ...], "bench": {point key: bench key}} from plan.json, or None."""
     try:
-        keys = json.loads(path.read_text())["keys"]
+        plan = json.loads(path.read_text())
+        keys = plan["keys"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else None
+    if not isinstance(keys, list):
+        return None
+    bench = plan.get("bench")
+    bench = {k: v for k, v in bench.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(bench, dict) else {}
+    return {"keys": [k for k in keys if isinstance(k, str)], "bench": bench}
 
 
 REQUIRED_COLUMNS = ("op", "schedule", "keep", "top1", "top5", "gmacs", "model_only_img_s")
@@ -118,8 +128,14 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["op_name"] = df["op"].str.replace(r"\(.*\)$", "", regex=True)
     df["delta_top1"] = (df["top1"] - b["top1"]).round(4)
     df["gmacs_saved_pct"] = (100.0 * (1.0 - df["gmacs"] / b["gmacs"])).round(3)
-    speed = df["model_only_img_s"].astype(float)
-    df["speedup"] = (speed / float(b["model_only_img_s"])).round(4) if _number(b["model_only_img_s"]) else float("nan")
+    if has_bench(df):
+        # tpool bench figures: each ratio is against the baseline timed in the same run, so the
+        # frontier is drawn on ratios (rows of several bench runs stay comparable)
+        df["speedup"] = df["bench_vs_baseline"].astype(float)
+        speed = df["speedup"]
+    else:
+        speed = df["model_only_img_s"].astype(float)
+        df["speedup"] = (speed / float(b["model_only_img_s"])).round(4) if _number(b["model_only_img_s"]) else float("nan")
     df["frontier"] = frontier_mask(df["gmacs"].tolist(), df["top1"].tolist())
     df["frontier_speed"] = frontier_mask((-speed).tolist(), df["top1"].tolist())
     df["frontier_op"] = False
@@ -130,6 +146,14 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         df.loc[op_idx, "frontier_op"] = True
     df["_order"] = range(len(df))
     return df.sort_values(["gmacs", "_order"], ascending=[False, True], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def has_bench(df: pd.DataFrame) -> bool:
+    """Whether the points carry ``tpool pareto --bench`` figures (the baseline's at least)."""
+    if "bench_img_s" not in df.columns:
+        return False
+    base = df[df["op"] == "none"]
+    return not base.empty and _number(base.iloc[0]["bench_img_s"])
 
 
 def _number(value: Any) -> bool:
@@ -171,6 +195,14 @@ TABLE_COLUMNS = [  # (field, header, format)
     ("gmacs_saved_pct", "GMACs saved %", "{:.1f}"), ("top1", "top-1", "{:.2f}"), ("delta_top1", "Δ top-1", "{:+.2f}"),
     ("top5", "top-5", "{:.2f}"), ("model_only_img_s", "model img/s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"),
 ]  # no end-to-end column: sweep points run from the decode-once cache (`tpool evaluate` gives it)
+BENCH_COLUMNS = [("bench_img_s", "bench img/s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"), ("bench_vs_ideal", "of ideal", "{:.2f}")]
+
+
+def table_columns(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The per-point columns; with bench figures, speedup is theirs and "of ideal" is added."""
+    if not has_bench(df):
+        return TABLE_COLUMNS
+    return [c for c in TABLE_COLUMNS if c[0] != "speedup"] + BENCH_COLUMNS
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:
@@ -181,8 +213,9 @@ def _cell(value: Any, fmt: str = "{}") -> str:
 
 def point_table(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the per-point tables (Markdown and Rich share them)."""
-    headers = [h for _, h, _ in TABLE_COLUMNS]
-    cells = [[_cell(r[c], f) for c, _, f in TABLE_COLUMNS] for _, r in df.iterrows()]
+    columns = table_columns(df)
+    headers = [h for _, h, _ in columns]
+    cells = [[_cell(r[c], f) for c, _, f in columns] for _, r in df.iterrows()]
     return headers, cells
 
 
@@ -209,9 +242,13 @@ def pareto_markdown(df: pd.DataFrame) -> str:
         f"- device: {b['device_name']}, {b['dtype']}, batch {b['batch_size']}; torch {b['torch']}, timm {b['timm']}",
         f"- baseline: top-1 {b['top1']:.2f}%, {b['gmacs']:.4f} GMACs, "
         + (f"{b['model_only_img_s']:,.0f} img/s model-only" if _number(b["model_only_img_s"]) else "no model-only timing"),
+        *_bench_lines(df),
         "",
         "GMACs per image from fvcore (1 multiply-add = 1 MAC); model img/s: forward pass only, device "
-        "synchronised, data already on the device; Δ top-1 in points vs. the baseline.\n",
+        "synchronised, data already on the device; Δ top-1 in points vs. the baseline."
+        + (" bench img/s: `tpool bench` on a synthetic batch, speedup vs. the baseline and *of ideal* vs. the "
+           "same token counts with a free reduction, both timed in the same run." if has_bench(df) else "")
+        + "\n",
         "## Pareto frontier (top-1 vs. GMACs)\n",
         markdown_table(*point_table(df[df["frontier"]])),
     ]
@@ -241,6 +278,22 @@ def pareto_markdown(df: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def _bench_lines(df: pd.DataFrame) -> list[str]:
+    """The bench settings line of pareto.md (none without bench figures)."""
+    if not has_bench(df):
+        return []
+    b = df[df["op"] == "none"].iloc[0]
+    runs = df["bench_run"].dropna().nunique() if "bench_run" in df.columns else 1
+    failed = int(df["bench_error"].notna().sum()) if "bench_error" in df.columns else 0
+    return [
+        f"- bench: {b['bench_img_s']:,.0f} img/s baseline; batch {int(b['bench_batch_size'])}, {b['bench_dtype']}, "
+        f"{'torch.compile' if b['bench_compile'] else 'eager'}, median of {int(b['bench_repeats'])} runs of "
+        f"{int(b['bench_steps'])} calls"
+        + (f"; figures from {runs} bench runs (each ratio within its run)" if runs > 1 else "")
+        + (f"; **{failed} point(s) failed to time**" if failed else ""),
+    ]
+
+
 def results_csv(df: pd.DataFrame) -> str:
     """results.csv: every field of every point, lists and dicts as JSON in their cell."""
     flat = df.copy()
@@ -251,15 +304,22 @@ def results_csv(df: pd.DataFrame) -> str:
 
 
 def plot(df: pd.DataFrame, out: Path) -> list[Path]:
-    """top-1 vs GMACs and top-1 vs model-only img/s: one line per operator from the baseline, the
-    frontier marked. PNG and SVG, rendered without pyplot (no display, no global state)."""
+    """top-1 vs GMACs and top-1 vs images/s (the bench figures when the sweep has them, else
+    model-only): one line per operator from the baseline, the frontier marked. PNG and SVG,
+    rendered without pyplot (no display, no global state)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     b = df[df["op"] == "none"].iloc[0]
     written = []
+    if has_bench(df):
+        speed_col = "bench_img_s"
+        speed_label = (f"images/s (tpool bench, batch {int(b['bench_batch_size'])}, {b['bench_dtype']}"
+                       f"{', compiled' if b['bench_compile'] else ''})")
+    else:
+        speed_col, speed_label = "model_only_img_s", "model-only images/s"
     specs = [("top1_vs_gmacs", "gmacs", "GMACs per image", "frontier"),
-             ("top1_vs_speed", "model_only_img_s", "model-only images/s", "frontier_speed")]
+             ("top1_vs_speed", speed_col, speed_label, "frontier_speed")]
     with matplotlib.rc_context({"svg.hashsalt": "tpool", "svg.fonttype": "path"}):
         for name, xcol, xlabel, fcol in specs:
             if df[xcol].isna().all():

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ from .ops import TokenOperator
 from .patch import patch, unpatch
 from .profile import build_configs
 from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from .bench import BenchSettings
 
 RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "plan.json"  # the point keys of the latest sweep, in order: what `tpool report` rebuilds
@@ -188,6 +191,9 @@ class SweepProgress:
 
     def point_done(self, row: dict[str, Any]) -> None: ...
 
+    def bench(self, message: str) -> None:
+        """A step of the bench pass (``run_sweep(bench=...)``): what is being timed."""
+
 
 @dataclass
 class SweepResult:
@@ -202,6 +208,7 @@ class SweepResult:
     decode_seconds: float = 0.0
     cache_storage: Optional[str] = None
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+    benched: int = 0  # points timed by this call's bench pass (0 without one, or when all were in bench.jsonl)
 
 
 def run_sweep(
@@ -221,6 +228,7 @@ def run_sweep(
     prop_attn: bool = False,
     seed: int = 0,
     cache: str = "auto",
+    bench: Optional["BenchSettings"] = None,
     progress: Optional[SweepProgress] = None,
     log: Log = _stderr_log,
 ) -> SweepResult:
@@ -229,6 +237,8 @@ def run_sweep(
     ``resume=False`` moves an existing results file aside (``results.jsonl.old``, then ``.old.2``...,
     never overwriting one) and starts over.
     ``cache``: where the decoded images live ('auto', 'memory', 'disk' under ``out/cache``).
+    ``bench``: after the accuracy pass, time every point as ``tpool bench`` does (see
+    :mod:`tpool_cli.sweep_bench`) and add those figures to the rows.
     Ctrl-C stops after recording the points finished so far (``interrupted=True``).
     """
     progress = progress or SweepProgress()
@@ -257,7 +267,14 @@ def run_sweep(
         planned.append((point, point_key(ident)))
     unpatch(net)
 
-    write_text(out / PLAN_FILE, json.dumps({"keys": [key for _, key in planned]}, indent=1) + "\n")
+    plan: dict[str, Any] = {"keys": [key for _, key in planned]}
+    if bench is not None:
+        from .sweep_bench import bench_key
+
+        bench = replace(bench, amp=amp, compile=compile)  # timed in the sweep's precision and mode
+
+        plan["bench"] = {key: bench_key(key, bench) for _, key in planned}
+    write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
     existing = {row["key"]: row for row in store.read() if "key" in row}
     done: dict[str, dict[str, Any]] = {key: existing[key] for _, key in planned if key in existing}
     pending = [(p, k) for p, k in planned if k not in done]
@@ -300,4 +317,15 @@ def run_sweep(
         finally:
             unpatch(net)
     result.rows = [done[key] for _, key in planned if key in done]
+    if bench is not None and not result.interrupted:
+        from .sweep_bench import bench_points, merge_bench
+
+        try:
+            found, result.benched = bench_points(
+                net, planned, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench, log=log,
+            )
+        except KeyboardInterrupt:
+            result.interrupted = True
+        else:
+            result.rows = merge_bench(result.rows, found)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -22,6 +22,10 @@ from ..output import check_format, stderr
 
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip points already in OUT/results.jsonl.")]
 CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, memory, or disk (memory-mapped under OUT/cache).")]
+BenchOpt = Annotated[bool, typer.Option("--bench", help="Also time every point as `tpool bench` does (baseline and ideal in the same run); the speed plot uses these figures.")]
+BenchBatchOpt = Annotated[Optional[int], typer.Option("--bench-batch-size", min=1, help="Synthetic batch of --bench (default: --batch-size).")]
+BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, help="Timed calls per run with --bench (default 50 on CUDA, 5 on CPU).")]
+BenchRepeatsOpt = Annotated[int, typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench; the median is kept.")]
 
 
 @app.command()
@@ -51,10 +55,15 @@ def pareto(
     compile: CompileOpt = False,
     resume: ResumeOpt = True,
     cache: CacheOpt = "auto",
+    bench: BenchOpt = False,
+    bench_batch_size: BenchBatchOpt = None,
+    bench_steps: BenchStepsOpt = None,
+    bench_repeats: BenchRepeatsOpt = 3,
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
     """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
+    from ..bench import BenchSettings, timing_defaults
     from ..data import scan_folder
     from ..demo import DEMO_KEEPS, resolve_workload
     from ..device import resolve_amp, resolve_device
@@ -72,6 +81,15 @@ def pareto(
     gates = [parse_gate(g) for g in fail_below or []]
     dev = resolve_device(device)
     resolve_amp(amp, dev)
+    timing = None
+    if bench:
+        _, warmup, steps = timing_defaults(dev)
+        timing = BenchSettings(
+            batch_size=bench_batch_size or batch_size, img_size=img_size, amp=amp, compile=compile,
+            warmup=warmup, steps=bench_steps or steps, repeats=bench_repeats,
+        )
+    elif bench_batch_size is not None or bench_steps is not None:
+        raise TpoolError("--bench-batch-size and --bench-steps go with --bench")
     token_list = parse_int_list(tokens, "--tokens")
     if token_list is not None and keep is not None:
         raise TpoolError("give --keep or --tokens, not both")
@@ -100,13 +118,17 @@ def pareto(
     with RichSweepProgress() as progress:
         result = run_sweep(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
-            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, progress=progress,
+            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
         )
     if result.reused:
         stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")
+    if result.benched:
+        stderr.print(f"timed {result.benched} point(s) with tpool bench -> {out / 'bench.jsonl'}", highlight=False)
     if result.skipped_files:
         stderr.print(f"[yellow]skipped {len(result.skipped_files)} unreadable file(s)[/yellow], e.g. {result.skipped_files[0]['path']}")
-    if result.interrupted:
+    if result.interrupted and len(result.rows) == result.planned:
+        stderr.print("[yellow]interrupted during the bench pass:[/yellow] every accuracy point is kept; rerun the same command to time them")
+    elif result.interrupted:
         stderr.print(f"[yellow]interrupted:[/yellow] {len(result.rows)} of {result.planned} points done; rerun the same command to resume")
     if not any(r["op"] == "none" for r in result.rows):
         sys.exit(130 if result.interrupted else 1)
