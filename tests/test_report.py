@@ -212,3 +212,13 @@ def test_bench_figures_replace_the_model_only_speed(tmp_path):
     write_report(tmp_path, mixed)
     text = (tmp_path / "pareto.md").read_text()
     assert "figures from 2 bench runs (each ratio within its run)" in text and "**1 point(s) failed to time**" in text
+
+
+def test_compare_uses_bench_figures_when_both_sweeps_have_them():
+    def benched(rows, scale):
+        return [dict(r, bench_img_s=scale * r["model_only_img_s"] / 2, bench_vs_baseline=1.0, bench_vs_ideal=1.0) for r in rows]
+
+    both = compare(results_frame(benched(ROWS, 1.0)), results_frame(benched(ROWS, 3.0)))
+    assert both["speed_ratio"].tolist() == [3.0] * len(ROWS) and "bench_img_s_a" in both.columns
+    one = compare(results_frame(benched(ROWS, 1.0)), results_frame(ROWS))  # only A has them: model-only for both
+    assert one["speed_ratio"].tolist() == [1.0] * len(ROWS) and "bench_img_s_a" not in one.columns

@@ -415,11 +415,17 @@ def check_gates(df: pd.DataFrame, gates: Sequence[Gate]) -> list[str]:
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Two sweeps side by side, matched on (op, schedule): GMACs, top-1 and model-only img/s."""
-    cols = ["op", "schedule", "gmacs", "top1", "model_only_img_s"]
+    """Two sweeps side by side, matched on (op, schedule): GMACs, top-1 and img/s.
+
+    ``speed_ratio`` is B's img/s over A's: the ``--bench`` figures when both sweeps have them
+    (then also in ``bench_img_s_a``/``_b``), else model-only img/s.
+    """
+    bench = has_bench(a) and has_bench(b)
+    cols = ["op", "schedule", "gmacs", "top1", "model_only_img_s"] + (["bench_img_s"] if bench else [])
     merged = pd.merge(a[cols], b[cols], on=["op", "schedule"], how="outer", suffixes=("_a", "_b"), sort=False)
     merged["delta_top1"] = (merged["top1_b"] - merged["top1_a"]).round(4)
-    merged["speed_ratio"] = (merged["model_only_img_s_b"] / merged["model_only_img_s_a"]).round(4)
+    speed = "bench_img_s" if bench else "model_only_img_s"
+    merged["speed_ratio"] = (merged[f"{speed}_b"] / merged[f"{speed}_a"]).round(4)
     merged["_g"] = merged["gmacs_a"].fillna(merged["gmacs_b"])
     return merged.sort_values("_g", ascending=False, kind="stable").drop(columns="_g").reset_index(drop=True)
 

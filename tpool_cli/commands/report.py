@@ -72,12 +72,13 @@ def _compare(a: Path, b: Path, fmt: str, output: Optional[Path]) -> None:
     def cell(v: Any, digits: int = 2) -> str:
         return "—" if v is None else (f"{v:,.{digits}f}" if isinstance(v, float) else str(v))
 
+    speed, unit = ("bench_img_s", "bench img/s") if "bench_img_s_a" in table_df.columns else ("model_only_img_s", "img/s")
     lines = [
         (r["op"], r["schedule"], cell(r["gmacs_a"], 4), cell(r["gmacs_b"], 4), cell(r["top1_a"]), cell(r["top1_b"]),
-         cell(r["delta_top1"]), cell(r["model_only_img_s_a"], 0), cell(r["model_only_img_s_b"], 0), cell(r["speed_ratio"], 3))
+         cell(r["delta_top1"]), cell(r[f"{speed}_a"], 0), cell(r[f"{speed}_b"], 0), cell(r["speed_ratio"], 3))
         for r in rows
     ]
     headers = ["op", "schedule", f"GMACs {names[0]}", f"GMACs {names[1]}", f"top-1 {names[0]}", f"top-1 {names[1]}",
-               "Δ top-1 (B-A)", f"img/s {names[0]}", f"img/s {names[1]}", "speed B/A"]
+               "Δ top-1 (B-A)", f"{unit} {names[0]}", f"{unit} {names[1]}", "speed B/A"]
     table = make_table(f"{names[0]} (A) vs {names[1]} (B)", headers, lines)
     emit({"a": str(a), "b": str(b), "points": rows}, rows, fmt, output, [table])
