@@ -237,6 +237,9 @@ def test_bench_figures_join_the_sweep_and_are_reused(setup, tmp_path):
     assert (slower.evaluated, slower.benched) == (0, 3)  # other timing settings: other figures
     plain = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": None})
     assert plain.benched == 0 and "bench_img_s" not in plain.rows[0] and "bench_img_s" not in load_rows(out)[0]
+    fresh = run_sweep(loaded, setup["data"], points, out, resume=False, **common)
+    assert (fresh.evaluated, fresh.benched) == (3, 3)  # --no-resume starts the bench figures over too
+    assert len(lines(out / "bench.jsonl.old")) == 7 and len(lines(out / "bench.jsonl")) == 3
 
 
 def test_pareto_bench_cli(setup, tmp_path, capsys):

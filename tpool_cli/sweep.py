@@ -178,6 +178,13 @@ class ResultsStore:
             os.close(fd)
 
 
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``NAME.old`` (then ``.old.2``, ...), never overwriting an earlier one."""
+    aside = next(p for n in range(1, 10_000) if not (p := path.with_name(f"{path.name}.old{'' if n == 1 else f'.{n}'}")).exists())
+    path.replace(aside)
+    return aside
+
+
 class SweepProgress:
     """Callbacks a sweep reports through; the default does nothing (the CLI draws Rich bars)."""
 
@@ -234,8 +241,8 @@ def run_sweep(
 ) -> SweepResult:
     """Evaluate every point not yet in ``out/results.jsonl`` from one decode-once cache.
 
-    ``resume=False`` moves an existing results file aside (``results.jsonl.old``, then ``.old.2``...,
-    never overwriting one) and starts over.
+    ``resume=False`` moves an existing results file (and ``bench.jsonl``) aside
+    (``results.jsonl.old``, then ``.old.2``..., never overwriting one) and starts over.
     ``cache``: where the decoded images live ('auto', 'memory', 'disk' under ``out/cache``).
     ``bench``: after the accuracy pass, time every point as ``tpool bench`` does (see
     :mod:`tpool_cli.sweep_bench`) and add those figures to the rows.
@@ -245,10 +252,13 @@ def run_sweep(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out / RESULTS_FILE, log)
-    if not resume and store.path.exists():
-        aside = next(p for n in range(1, 10_000) if not (p := store.path.with_name(f"{RESULTS_FILE}.old{'' if n == 1 else f'.{n}'}")).exists())
-        store.path.replace(aside)
-        log(f"--no-resume: moved the earlier results to {aside.name}")
+    if not resume:
+        from .sweep_bench import BENCH_FILE
+
+        for path in (store.path, out / BENCH_FILE):  # bench figures start over with the results
+            if path.exists():
+                aside = move_aside(path)
+                log(f"--no-resume: moved the earlier {path.name} to {aside.name}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype_label(resolve_amp(amp, dev))
     folder = data if isinstance(data, ImageFolder) else scan_folder(data, class_map=class_map, limit=limit)
