@@ -222,3 +222,31 @@ def test_gpu_script_runs_both_modes_and_renders(tmp_path):
     cells = [c.strip() for c in topk.strip("|").split("|")]
     assert cells[4] and cells[7], "topk has eager and compiled throughput"
     assert "not compiled (failed in eager): grid" in table
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_steady_host_allocator_stops_page_faults_on_repeated_big_tensors():
+    """Timed CPU forwards must not page-fault their activations in again on every call."""
+    import platform
+    import resource
+
+    from tpool_cli.device import steady_host_allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert steady_host_allocator() and steady_host_allocator()  # idempotent
+
+    def faults_per_alloc(nbytes: int, n: int = 10) -> float:
+        for _ in range(2):
+            t = torch.empty(nbytes // 4)
+            t.fill_(1.0)
+            del t
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            t = torch.empty(nbytes // 4)
+            t.fill_(1.0)
+            del t
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+
+    pages = (64 << 20) // 4096
+    assert faults_per_alloc(64 << 20) < pages / 4  # glibc's default: one fault per 4 KiB page, every time
