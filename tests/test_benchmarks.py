@@ -54,9 +54,11 @@ def test_gpu_run_script_dry_run_on_cpu(tmp_path):
                           env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:]
     sections = dict(line.split(" ", 1) for line in (tmp_path / "sections.txt").read_text().splitlines())
-    assert set(sections) == {"env", "eager", "operators_0.7", "operators_0.5", "distance_precision", "cli_bench", "compile", "render"}
+    assert set(sections) == {"env", "eager", "operators_0.7", "operators_0.5", "distance_precision", "cli_bench",
+                             "pareto_bench", "compile", "render"}
     assert all(v.startswith("rc=0 ") for k, v in sections.items() if k != "env"), sections  # env: no nvidia-smi here
     table = (tmp_path / "gpu.md").read_text()
     assert "| topk | 0.5 |" in table and "compiled img/s" in table
     assert "| topk |" in (tmp_path / "operators_0.7.md").read_text()
     assert '"op_vs_ideal"' in (tmp_path / "cli_bench.json").read_text()
+    assert "- bench: " in (tmp_path / "pareto_bench" / "pareto.md").read_text()

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from imagefolders import CKPT_MODEL, random_checkpoint, small_label_space
 from tpool_cli.cli import main
@@ -235,11 +236,45 @@ def test_bench_figures_join_the_sweep_and_are_reused(setup, tmp_path):
     assert new["bench_run"] and new["bench_vs_baseline"] == pytest.approx(new["bench_img_s"] / new["bench_baseline_img_s"], rel=1e-3)
     slower = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": BenchSettings(batch_size=2, warmup=0, steps=2, repeats=1)})
     assert (slower.evaluated, slower.benched) == (0, 3)  # other timing settings: other figures
+    other_data = run_sweep(loaded, setup["data"], points, out, **{**common, "limit": 5})
+    assert (other_data.evaluated, other_data.benched) == (3, 0)  # a synthetic-batch timing does not depend on the data
     plain = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": None})
     assert plain.benched == 0 and "bench_img_s" not in plain.rows[0] and "bench_img_s" not in load_rows(out)[0]
     fresh = run_sweep(loaded, setup["data"], points, out, resume=False, **common)
     assert (fresh.evaluated, fresh.benched) == (3, 3)  # --no-resume starts the bench figures over too
     assert len(lines(out / "bench.jsonl.old")) == 7 and len(lines(out / "bench.jsonl")) == 3
+
+
+def test_failed_bench_rows_are_timed_again_and_a_failed_baseline_is_reported(setup, tmp_path, monkeypatch):
+    import tpool_cli.sweep_bench as sweep_bench
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.errors import TpoolError
+    from tpool_cli.report import load_rows, write_report
+
+    out = tmp_path / "out"
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    common = dict(class_map=setup["class_map"], limit=4, batch_size=4, workers=0, bench=BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1))
+    points = plan_points(["topk", "grid"], [0.5])
+    first = run_sweep(loaded, setup["data"], points, out, **common)
+    topk = next(r for r in lines(out / "bench.jsonl") if r["op"] == "topk")
+    with open(out / "bench.jsonl", "a") as fh:  # a transient failure recorded by a later run
+        fh.write(json.dumps(dict(topk, bench_img_s=None, bench_vs_baseline=None, bench_error="RuntimeError: out of memory")) + "\n")
+    assert next(r for r in load_rows(out) if r["op"] == "topk")["bench_error"] == "RuntimeError: out of memory"
+    again = run_sweep(loaded, setup["data"], points, out, **common)
+    assert again.benched == 1  # only the failed point; the newest row wins
+    retimed = next(r for r in again.rows if r["op"] == "topk")
+    assert retimed["bench_error"] is None and retimed["bench_img_s"] > 0 and retimed["bench_run"] is not None
+    assert again.rows == load_rows(out) and len(first.rows) == len(again.rows)
+
+    def no_baseline(*args, **kwargs):
+        raise TpoolError("the unpatched model does not run: RuntimeError: out of memory")
+
+    monkeypatch.setattr(sweep_bench, "bench", no_baseline)
+    other = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": BenchSettings(batch_size=4096, warmup=0, steps=1, repeats=1)})
+    assert other.bench_failed and "try a smaller --bench-batch-size" in other.bench_failed and "out of memory" in other.bench_failed
+    assert len(other.rows) == 3 and other.rows == load_rows(out)  # the accuracy points are all there
+    write_report(out, other.rows)
+    assert "**the baseline could not be timed** (the unpatched model does not run" in (out / "pareto.md").read_text()
 
 
 def test_pareto_bench_cli(setup, tmp_path, capsys):
@@ -260,11 +295,23 @@ def test_pareto_bench_cli(setup, tmp_path, capsys):
     assert info.value.code == 0 and {name: (out / name).read_bytes() for name in produced} == produced
     with pytest.raises(SystemExit) as info:
         main([*pareto_args(setup, out), "--bench-steps", "3"])
-    assert info.value.code == 2 and "go with --bench" in capsys.readouterr().err
+    assert info.value.code == 2 and "--bench-steps goes with --bench" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    with pytest.raises(SystemExit) as info:
+        main([*pareto_args(setup, plain), "--ops", "topk", "--keep", "0.5", "--limit", "4"])
+    assert info.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(out), str(plain), "-f", "json"])
+    assert info.value.code == 0 and "only o has --bench figures: comparing model-only img/s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([*pareto_args(setup, out), "--bench-repeats", "3", "--bench-batch-size", "2"])
+    assert info.value.code == 2 and "--bench-batch-size, --bench-repeats go with --bench" in capsys.readouterr().err
 
 
 def test_interrupted_bench_pass_keeps_every_accuracy_point(setup, tmp_path):
     from tpool_cli.bench import BenchSettings
+    from tpool_cli.report import load_rows
     from tpool_cli.sweep import SweepProgress
 
     class CtrlC(SweepProgress):
@@ -277,6 +324,40 @@ def test_interrupted_bench_pass_keeps_every_accuracy_point(setup, tmp_path):
     common = dict(class_map=setup["class_map"], limit=4, batch_size=4, workers=0, bench=BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1))
     points = plan_points(["grid"], [0.5])
     cut = run_sweep(loaded, setup["data"], points, out, progress=CtrlC(), **common)
-    assert cut.interrupted and cut.evaluated == 2 and len(cut.rows) == 2 and not (out / "bench.jsonl").exists()
+    assert cut.interrupted and cut.bench_interrupted and cut.evaluated == 2 and len(cut.rows) == 2
+    assert not (out / "bench.jsonl").exists()  # eager rows are final only after the last round
     resumed = run_sweep(loaded, setup["data"], points, out, **common)
     assert (resumed.evaluated, resumed.reused, resumed.benched) == (0, 2, 2) and not resumed.interrupted
+
+    class CtrlCInAccuracy(SweepProgress):
+        def point(self, label: str, total_images: int):
+            raise KeyboardInterrupt
+
+    more = run_sweep(loaded, setup["data"], plan_points(["grid", "topk"], [0.5]), out, progress=CtrlCInAccuracy(), **common)
+    assert more.interrupted and not more.bench_interrupted and more.benched == 0
+    assert [r["op"] for r in more.rows] == ["none", "grid"] and all(r["bench_img_s"] for r in more.rows)
+    assert more.rows == load_rows(out)  # pareto's report and `tpool report` see the same figures
+
+
+def test_compiled_bench_rows_are_written_as_each_variant_finishes(tmp_path):
+    """Compiling on a GPU takes minutes per variant: a Ctrl-C must not cost the variants already timed."""
+    from conftest import tiny_vit
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.sweep_bench import bench_points
+
+    model = tiny_vit()
+    points = plan_points(["topk", "grid"], [0.5], layers=(1, 2))
+    planned = [(p, f"point-{i}") for i, p in enumerate(points)]
+    keys = {k: f"bench-{k}" for _, k in planned}
+    settings = BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1, compile=True, compile_backend="aot_eager")
+
+    def stop_at_grid(message: str) -> None:
+        if message.startswith("compiling and timing grid"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench_points(model, planned, keys, settings, torch.device("cpu"), tmp_path, progress=stop_at_grid, log=lambda m: None)
+    rows = lines(tmp_path / "bench.jsonl")
+    assert [r["op"] for r in rows] == ["none", "topk"] and all(r["bench_img_s"] > 0 for r in rows)
+    assert rows[1]["bench_compile"] is True and rows[1]["bench_compile_s"] is not None
+    assert bench_points(model, planned, keys, settings, torch.device("cpu"), tmp_path, log=lambda m: None) == 1  # grid alone

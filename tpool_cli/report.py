@@ -156,6 +156,12 @@ def has_bench(df: pd.DataFrame) -> bool:
     return not base.empty and _number(base.iloc[0]["bench_img_s"])
 
 
+def bench_settings(df: pd.DataFrame) -> str:
+    """How the baseline's bench figure was timed, e.g. 'batch 256, bf16, eager' (comparisons check it)."""
+    b = df[df["op"] == "none"].iloc[0]
+    return f"batch {int(b['bench_batch_size'])}, {b['bench_dtype']}, {'compiled' if b['bench_compile'] else 'eager'}"
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value) and value != 0
 
@@ -279,15 +285,17 @@ def pareto_markdown(df: pd.DataFrame) -> str:
 
 
 def _bench_lines(df: pd.DataFrame) -> list[str]:
-    """The bench settings line of pareto.md (none without bench figures)."""
-    if not has_bench(df):
-        return []
+    """The bench settings line of pareto.md (none for a sweep without --bench)."""
     b = df[df["op"] == "none"].iloc[0]
+    if not has_bench(df):
+        if "bench_run" in df.columns and df["bench_run"].notna().any():  # --bench, but no baseline figure
+            error = b.get("bench_error") if isinstance(b.get("bench_error"), str) else "no figure"
+            return [f"- bench: **the baseline could not be timed** ({error}): no bench figures; rerun to time it again"]
+        return []
     runs = df["bench_run"].dropna().nunique() if "bench_run" in df.columns else 1
     failed = int(df["bench_error"].notna().sum()) if "bench_error" in df.columns else 0
     return [
-        f"- bench: {b['bench_img_s']:,.0f} img/s baseline; batch {int(b['bench_batch_size'])}, {b['bench_dtype']}, "
-        f"{'torch.compile' if b['bench_compile'] else 'eager'}, median of {int(b['bench_repeats'])} runs of "
+        f"- bench: {b['bench_img_s']:,.0f} img/s baseline; {bench_settings(df)}, median of {int(b['bench_repeats'])} runs of "
         f"{int(b['bench_steps'])} calls"
         + (f"; figures from {runs} bench runs (each ratio within its run)" if runs > 1 else "")
         + (f"; **{failed} point(s) failed to time**" if failed else ""),
@@ -304,18 +312,18 @@ def results_csv(df: pd.DataFrame) -> str:
 
 
 def plot(df: pd.DataFrame, out: Path) -> list[Path]:
-    """top-1 vs GMACs and top-1 vs images/s (the bench figures when the sweep has them, else
-    model-only): one line per operator from the baseline, the frontier marked. PNG and SVG,
+    """top-1 vs GMACs and top-1 vs speed (the bench speedup when the sweep has bench figures, else
+    model-only images/s): one line per operator from the baseline, the frontier marked. PNG and SVG,
     rendered without pyplot (no display, no global state)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     b = df[df["op"] == "none"].iloc[0]
     written = []
-    if has_bench(df):
-        speed_col = "bench_img_s"
-        speed_label = (f"images/s (tpool bench, batch {int(b['bench_batch_size'])}, {b['bench_dtype']}"
-                       f"{', compiled' if b['bench_compile'] else ''})")
+    if has_bench(df):  # same-run ratios: rows of several bench runs stay comparable, as the frontier is
+        speed_col = "speedup"
+        speed_label = (f"speedup vs. the baseline ({b['bench_img_s']:,.0f} img/s; tpool bench, batch "
+                       f"{int(b['bench_batch_size'])}, {b['bench_dtype']}{', compiled' if b['bench_compile'] else ''})")
     else:
         speed_col, speed_label = "model_only_img_s", "model-only images/s"
     specs = [("top1_vs_gmacs", "gmacs", "GMACs per image", "frontier"),

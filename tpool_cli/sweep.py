@@ -43,7 +43,7 @@ KEY_FIELDS = (
     "model", "weights_id", "data_fingerprint", "op", "op_options", "keep", "tokens", "layers", "img_size",
     "dtype", "device", "prop_attn", "seed",
     # throughput depends on these too: a point timed otherwise is not reused next to fresh ones
-    "device_name", "batch_size", "compile", "torch", "timm",
+    "device_name", "batch_size", "compile", "torch", "timm", "tpool",
 )
 
 Log = Callable[[str], None]
@@ -120,12 +120,13 @@ class ResultsStore:
     clean line. A complete line that is not a JSON object is reported and ignored, never cut.
     """
 
-    def __init__(self, path: Path, log: Log = _stderr_log) -> None:
+    def __init__(self, path: Path, log: Log = _stderr_log, keep: str = "first") -> None:
         self.path = Path(path)
         self.log = log
+        self.keep = keep  # which row of a repeated key counts: "first" (results) or "last" (re-timed bench rows)
 
     def read(self, repair: bool = True) -> list[dict[str, Any]]:
-        """All complete rows, first occurrence of each key kept; ``repair=False`` never writes."""
+        """All complete rows, one per key (see ``keep``); ``repair=False`` never writes."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -141,7 +142,7 @@ class ResultsStore:
             self.log(f"{self.path}: dropped a truncated last line ({len(lines[-1])} bytes); that point will be evaluated again")
             lines.pop()
         rows: list[dict[str, Any]] = []
-        seen: set[str] = set()
+        seen: dict[Any, int] = {}  # key -> index in rows
         for number, line in enumerate(lines, start=1):
             try:
                 row = json.loads(line)
@@ -152,9 +153,12 @@ class ResultsStore:
                 continue
             key = row.get("key")
             if key in seen:
-                self.log(f"{self.path}: line {number} repeats point {row.get('op')} {row.get('schedule')}; ignored")
+                if self.keep == "last":
+                    rows[seen[key]] = row
+                else:
+                    self.log(f"{self.path}: line {number} repeats point {row.get('op')} {row.get('schedule')}; ignored")
                 continue
-            seen.add(key)
+            seen[key] = len(rows)
             rows.append(row)
         if repair and good_end < len(data):
             with open(self.path, "r+b") as fh:
@@ -216,6 +220,8 @@ class SweepResult:
     cache_storage: Optional[str] = None
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     benched: int = 0  # points timed by this call's bench pass (0 without one, or when all were in bench.jsonl)
+    bench_interrupted: bool = False  # Ctrl-C came during the bench pass (every accuracy point is kept)
+    bench_failed: Optional[str] = None  # why the bench pass could not time the baseline
 
 
 def run_sweep(
@@ -267,7 +273,12 @@ def run_sweep(
     cfg = data_config(net)
     fp = fingerprint(folder, cfg)
 
+    if bench is not None:
+        from .sweep_bench import bench_key
+
+        bench = replace(bench, amp=amp, compile=compile)  # timed in the sweep's precision and mode
     planned: list[tuple[Point, str]] = []
+    bench_keys: dict[str, str] = {}  # point key -> key of its bench row
     for point in points:
         point.apply(net, prop_attn=prop_attn, seed=seed)
         ident = {
@@ -275,15 +286,13 @@ def run_sweep(
             "device_name": device_name(dev), "batch_size": batch_size, "compile": compile,
         }
         planned.append((point, point_key(ident)))
+        if bench is not None:
+            bench_keys[planned[-1][1]] = bench_key(ident, bench, dtype)
     unpatch(net)
 
     plan: dict[str, Any] = {"keys": [key for _, key in planned]}
     if bench is not None:
-        from .sweep_bench import bench_key
-
-        bench = replace(bench, amp=amp, compile=compile)  # timed in the sweep's precision and mode
-
-        plan["bench"] = {key: bench_key(key, bench) for _, key in planned}
+        plan["bench"] = bench_keys
     write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
     existing = {row["key"]: row for row in store.read() if "key" in row}
     done: dict[str, dict[str, Any]] = {key: existing[key] for _, key in planned if key in existing}
@@ -326,16 +335,25 @@ def run_sweep(
             result.interrupted = True
         finally:
             unpatch(net)
+            decoded = None  # the bench pass must not share the device with the image cache
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     result.rows = [done[key] for _, key in planned if key in done]
-    if bench is not None and not result.interrupted:
-        from .sweep_bench import bench_points, merge_bench
+    if bench is not None:
+        from .sweep_bench import bench_points, merge_bench, read_bench
 
-        try:
-            found, result.benched = bench_points(
-                net, planned, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench, log=log,
-            )
-        except KeyboardInterrupt:
-            result.interrupted = True
-        else:
-            result.rows = merge_bench(result.rows, found)
+        if not result.interrupted:
+            try:
+                result.benched = bench_points(
+                    net, planned, bench_keys, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench, log=log,
+                )
+            except KeyboardInterrupt:
+                result.interrupted = result.bench_interrupted = True
+            except TpoolError as exc:
+                result.bench_failed = (
+                    f"--bench could not time the baseline at batch {bench.batch_size} ({exc}); "
+                    "try a smaller --bench-batch-size"
+                )
+        # the very figures `tpool report` merges: whatever bench.jsonl holds for this plan
+        result.rows = merge_bench(result.rows, read_bench(out, bench_keys, log))
     return result

@@ -8,11 +8,12 @@ operator judged against the unpatched baseline and the *ideal* (its token counts
 timed in the same run. The report then plots accuracy against these figures.
 
 Rows go to ``OUT/bench.jsonl`` (the same append-only store as the results), one per point, keyed
-by the point's key and the timing settings. A rerun times only the points without a row; every
-row keeps the baseline and ideal figures of its own run, so its ratios are always same-run ratios,
-and ``bench_run`` tells the runs apart. Rows are written when a run ends (the timed rounds are
-interleaved, so no figure is final before): an interrupted bench pass is redone, and costs no
-accuracy point.
+by :func:`bench_key`: what the point's speed depends on (not the data it was evaluated on) and the
+timing settings. A rerun times only the points without a good row (a row with ``bench_error``,
+say a transient out-of-memory, is timed again, and the newer row wins); every row keeps the
+baseline and ideal figures of its own run, so its ratios are always same-run ratios, and
+``bench_run`` tells the runs apart. A row is written as soon as its figures are final: after the
+last timed round in eager mode (the rounds are interleaved), after each variant when compiled.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .bench import BenchReport, BenchSettings, Variant, bench
-from .device import dtype_label
-from .sweep import Log, Point, ResultsStore
+from .bench import BenchReport, BenchRow, BenchSettings, Variant, bench
+from .device import device_name, dtype_label
+from .errors import TpoolError
+from .sweep import KEY_FIELDS, Log, Point, ResultsStore
 
 BENCH_FILE = "bench.jsonl"
+# Point-key fields a timing on a synthetic batch does not depend on.
+DATA_FIELDS = ("data_fingerprint", "batch_size")
+# Runs of one point that differ by more than this (max - min over the median) get a warning.
+NOISY_SPREAD = 0.25
 # What a point row gains from its bench row (the report's speed figures when present).
 MERGED_FIELDS = (
     "bench_img_s", "bench_baseline_img_s", "bench_ideal_img_s", "bench_vs_baseline", "bench_vs_ideal",
@@ -39,16 +45,19 @@ MERGED_FIELDS = (
 )
 
 
-def timing_id(settings: BenchSettings) -> dict[str, Any]:
-    """The timing settings a bench figure depends on (beyond the point itself)."""
-    fields = asdict(settings)
-    fields.pop("img_size", None)  # the point's key already has the resolution
-    return fields
+def bench_key(ident: dict[str, Any], settings: BenchSettings, dtype: str) -> str:
+    """Key of a point's bench row, from the point's identity (``sweep.point_identity``-style dict).
 
-
-def bench_key(point_key: str, settings: BenchSettings) -> str:
-    """Key of a point's bench row: the point (model, weights, operator, schedule, device...) and the timing."""
-    text = json.dumps({"point": point_key, "timing": timing_id(settings)}, sort_keys=True)
+    The point's fields minus the data it was evaluated on (:data:`DATA_FIELDS`: another ``--limit``
+    or evaluation batch size does not change a synthetic-batch timing), plus the timing settings
+    with the resolved precision (``dtype``: 'fp32', 'bf16'...).
+    """
+    timing = asdict(settings)
+    timing.pop("img_size", None)  # the point already has the resolution
+    timing["amp"] = dtype
+    point = {k: ident.get(k) for k in KEY_FIELDS if k not in DATA_FIELDS and k != "weights_id"}
+    point["weights_id"] = ident.get("weights_sha256") or ident.get("weights")
+    text = json.dumps({"point": point, "timing": timing}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -64,16 +73,19 @@ def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 3)
 
 
+def _final(v: Variant, repeats: int) -> bool:
+    """Whether a variant's figures can no longer change: failed, or all its runs timed."""
+    return v.error is not None or (v.timing is not None and len(v.timing.runs_img_per_s) >= repeats)
+
+
 def bench_row(
-    key: str, point_key: str, point: Point, variant: Variant, baseline: Variant, ideal: Variant,
-    report: BenchReport, run: str, depth: int,
+    key: str, point: Point, variant: Variant, baseline: Variant, ideal: Variant, report: BenchReport, run: str, depth: int,
 ) -> dict[str, Any]:
     """One point's figures, with the baseline and ideal of the run they were measured in."""
     s = report.settings
     rate, base, ideal_rate = _rate(variant), _rate(baseline), _rate(ideal)
     return {
         "key": key,
-        "point_key": point_key,
         "point": point.label(depth),
         "op": point.operator.label() if point.operator is not None else "none",
         "tokens_per_block": variant.tokens_per_block,
@@ -97,9 +109,29 @@ def bench_row(
     }
 
 
+def failed_baseline_row(
+    key: str, point: Point, settings: BenchSettings, device: torch.device, run: str, error: str, depth: int,
+) -> dict[str, Any]:
+    """The baseline's row when it could not be timed at all (no figures; timed again next time)."""
+    return {
+        "key": key, "point": point.label(depth), "op": "none", "bench_error": error, "bench_run": run,
+        "bench_batch_size": settings.batch_size, "bench_compile": settings.compile, "bench_steps": settings.steps,
+        "bench_repeats": settings.repeats, "device_name": device_name(device),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _spread(runs: Optional[list[float]]) -> float:
+    if not runs or len(runs) < 2:
+        return 0.0
+    ordered = sorted(runs)
+    return (ordered[-1] - ordered[0]) / ordered[len(ordered) // 2]
+
+
 def bench_points(
     model: torch.nn.Module,
     planned: Sequence[tuple[Point, str]],
+    keys: dict[str, str],
     settings: BenchSettings,
     device: torch.device,
     out: Path,
@@ -107,38 +139,63 @@ def bench_points(
     prop_attn: bool = False,
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
-    log: Optional[Log] = None,
-) -> tuple[dict[str, dict[str, Any]], int]:
-    """Bench rows of the planned (point, point key) pairs, timing only those not in ``out/bench.jsonl``.
+    log: Log = print,
+) -> int:
+    """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
 
-    Returns ({point key: bench row}, number of points timed by this call). The missing points are
-    timed in one :func:`tpool_cli.bench.bench` run (the baseline always with them, for the ratios)
-    and their rows appended. An operator that fails while timed gets a row with ``bench_error``.
+    ``keys`` maps each point key to its :func:`bench_key`. The missing points are timed in one
+    :func:`tpool_cli.bench.bench` run (the baseline always with them, for the ratios) and each
+    row appended as soon as it is final. An operator that fails while timed gets a row with
+    ``bench_error`` (timed again by the next call); a baseline that cannot run raises
+    :class:`tpool_cli.errors.TpoolError`. Returns the number of points timed.
     """
-    store = ResultsStore(Path(out) / BENCH_FILE, log) if log else ResultsStore(Path(out) / BENCH_FILE)
-    keys = {point_key: bench_key(point_key, settings) for _, point_key in planned}
-    existing = {row["key"]: row for row in store.read() if "key" in row}
-    missing = [(p, k) for p, k in planned if keys[k] not in existing]
-    if missing:
-        ops = [(p, k) for p, k in missing if not p.is_baseline]
-        configs = [(p.operator, p.schedule) for p, _ in ops]
-        report = bench(model, configs, settings, device, prop_attn=prop_attn, seed=seed, errors="record",
-                       count_gmacs=False, progress=progress)
-        run = time.strftime("%Y%m%dT%H%M%S")
-        depth = len(model.blocks)  # type: ignore[arg-type]
+    store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
+    good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
+    missing = [(p, k) for p, k in planned if keys[k] not in good]
+    if not missing:
+        return 0
+    ops = [(p, k) for p, k in missing if not p.is_baseline]
+    baseline_missing = [(p, k) for p, k in missing if p.is_baseline]
+    run = time.strftime("%Y%m%dT%H%M%S")
+    depth = len(model.blocks)  # type: ignore[arg-type]
+    written: set[str] = set()
+    noisy: list[str] = []
+
+    def write(point: Point, point_key: str, r: BenchRow | None, report: BenchReport) -> None:
         b = report.baseline
-        for point, point_key in missing:
+        row = (bench_row(keys[point_key], point, r.operator, r.baseline, r.ideal, report, run, depth) if r is not None
+               else bench_row(keys[point_key], point, b, b, b, report, run, depth))
+        store.append(row)
+        written.add(point_key)
+        if _spread(row["bench_runs_img_s"]) > NOISY_SPREAD:
+            noisy.append(row["point"])
+
+    def flush(report: BenchReport) -> None:
+        """Append every row whose figures (its own, its ideal's and the baseline's) are final."""
+        if not _final(report.baseline, settings.repeats):
+            return
+        for point, point_key in baseline_missing:
+            if point_key not in written:
+                write(point, point_key, None, report)
+        for (point, point_key), r in zip(ops, report.rows):
+            if point_key not in written and _final(r.operator, settings.repeats) and _final(r.ideal, settings.repeats):
+                write(point, point_key, r, report)
+
+    try:
+        report = bench(
+            model, [(p.operator, p.schedule) for p, _ in ops], settings, device, prop_attn=prop_attn, seed=seed,
+            errors="record", count_gmacs=False, progress=progress, on_update=flush,
+        )
+    except TpoolError as exc:  # the baseline does not run: say so in the report too, then let the caller decide
+        for point, point_key in planned:
             if point.is_baseline:
-                row = bench_row(keys[point_key], point_key, point, b, b, b, report, run, depth)
-                store.append(row)
-                existing[row["key"]] = row
-        for (point, point_key), bench_result in zip(ops, report.rows):
-            r = bench_result
-            row = bench_row(keys[point_key], point_key, point, r.operator, r.baseline, r.ideal, report, run, depth)
-            store.append(row)
-            existing[row["key"]] = row
-    found = {point_key: existing[keys[point_key]] for _, point_key in planned if keys[point_key] in existing}
-    return found, len(missing)
+                store.append(failed_baseline_row(keys[point_key], point, settings, device, run, str(exc), depth))
+        raise
+    flush(report)
+    if noisy:
+        log(f"--bench: {len(noisy)} point(s) varied by more than {NOISY_SPREAD:.0%} between runs (a busy machine?), "
+            f"e.g. {noisy[0]}; see bench_runs_img_s in {store.path}")
+    return len(written)
 
 
 def merge_bench(rows: list[dict[str, Any]], bench_rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -151,10 +208,12 @@ def merge_bench(rows: list[dict[str, Any]], bench_rows: dict[str, dict[str, Any]
 
 
 def read_bench(out: Path, wanted: dict[str, str], log: Optional[Log] = None) -> dict[str, dict[str, Any]]:
-    """{point key: bench row} for ``wanted`` ({point key: bench key}, from plan.json), read only."""
+    """{point key: bench row} for ``wanted`` ({point key: bench key}, from plan.json), read only.
+
+    The newest row of a key wins (a point timed again after an error)."""
     path = Path(out) / BENCH_FILE
     if not wanted or not path.is_file():
         return {}
-    store = ResultsStore(path, log) if log else ResultsStore(path)
+    store = ResultsStore(path, log, keep="last") if log else ResultsStore(path, keep="last")
     by_key = {row.get("key"): row for row in store.read(repair=False)}
     return {point_key: by_key[key] for point_key, key in wanted.items() if key in by_key}

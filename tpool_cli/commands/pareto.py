@@ -25,7 +25,7 @@ CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, me
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also time every point as `tpool bench` does (baseline and ideal in the same run); the speed plot uses these figures.")]
 BenchBatchOpt = Annotated[Optional[int], typer.Option("--bench-batch-size", min=1, help="Synthetic batch of --bench (default: --batch-size).")]
 BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, help="Timed calls per run with --bench (default 50 on CUDA, 5 on CPU).")]
-BenchRepeatsOpt = Annotated[int, typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench; the median is kept.")]
+BenchRepeatsOpt = Annotated[Optional[int], typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench (default 3); the median is kept.")]
 
 
 @app.command()
@@ -58,7 +58,7 @@ def pareto(
     bench: BenchOpt = False,
     bench_batch_size: BenchBatchOpt = None,
     bench_steps: BenchStepsOpt = None,
-    bench_repeats: BenchRepeatsOpt = 3,
+    bench_repeats: BenchRepeatsOpt = None,
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
@@ -86,10 +86,13 @@ def pareto(
         _, warmup, steps = timing_defaults(dev)
         timing = BenchSettings(
             batch_size=bench_batch_size or batch_size, img_size=img_size, amp=amp, compile=compile,
-            warmup=warmup, steps=bench_steps or steps, repeats=bench_repeats,
+            warmup=warmup, steps=bench_steps or steps, repeats=bench_repeats or 3,
         )
-    elif bench_batch_size is not None or bench_steps is not None:
-        raise TpoolError("--bench-batch-size and --bench-steps go with --bench")
+    else:
+        given = [name for name, value in (("--bench-batch-size", bench_batch_size), ("--bench-steps", bench_steps),
+                                          ("--bench-repeats", bench_repeats)) if value is not None]
+        if given:
+            raise TpoolError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --bench")
     token_list = parse_int_list(tokens, "--tokens")
     if token_list is not None and keep is not None:
         raise TpoolError("give --keep or --tokens, not both")
@@ -126,8 +129,8 @@ def pareto(
         stderr.print(f"timed {result.benched} point(s) with tpool bench -> {out / 'bench.jsonl'}", highlight=False)
     if result.skipped_files:
         stderr.print(f"[yellow]skipped {len(result.skipped_files)} unreadable file(s)[/yellow], e.g. {result.skipped_files[0]['path']}")
-    if result.interrupted and len(result.rows) == result.planned:
-        stderr.print("[yellow]interrupted during the bench pass:[/yellow] every accuracy point is kept; rerun the same command to time them")
+    if result.bench_interrupted:
+        stderr.print("[yellow]interrupted during the bench pass:[/yellow] every accuracy point is kept; rerun the same command to time the rest")
     elif result.interrupted:
         stderr.print(f"[yellow]interrupted:[/yellow] {len(result.rows)} of {result.planned} points done; rerun the same command to resume")
     if not any(r["op"] == "none" for r in result.rows):
@@ -139,5 +142,8 @@ def pareto(
             fh.write((out / "pareto.md").read_text() + "\n")
     if result.interrupted:
         sys.exit(130)
+    if result.bench_failed:
+        stderr.print(f"[red]error:[/red] {result.bench_failed}", highlight=False)
+        sys.exit(1)
     if code:
         sys.exit(code)

@@ -63,10 +63,17 @@ def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequen
 
 
 def _compare(a: Path, b: Path, fmt: str, output: Optional[Path]) -> None:
-    from ..report import compare, load_rows, results_frame
+    from ..report import bench_settings, compare, has_bench, load_rows, results_frame
 
     names = (a.name, b.name) if a.name != b.name else (str(a), str(b))
-    table_df = compare(results_frame(load_rows(a)), results_frame(load_rows(b)))
+    frame_a, frame_b = results_frame(load_rows(a)), results_frame(load_rows(b))
+    if has_bench(frame_a) != has_bench(frame_b):
+        only = names[0] if has_bench(frame_a) else names[1]
+        stderr.print(f"[yellow]warning:[/yellow] only {only} has --bench figures: comparing model-only img/s", highlight=False)
+    elif has_bench(frame_a) and bench_settings(frame_a) != bench_settings(frame_b):
+        stderr.print(f"[yellow]warning:[/yellow] the sweeps were benched differently ({names[0]}: {bench_settings(frame_a)}; "
+                     f"{names[1]}: {bench_settings(frame_b)}): speed B/A mixes machine and settings", highlight=False)
+    table_df = compare(frame_a, frame_b)
     rows = [{k: (None if v != v else v) for k, v in r.items()} for r in table_df.to_dict("records")]  # NaN -> None
 
     def cell(v: Any, digits: int = 2) -> str:
