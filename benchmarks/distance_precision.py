@@ -5,8 +5,10 @@ The operators compute the assignment scores ||y||^2 - 2 f.y in float32 with auto
 this script measures, on DeiT-S tokens at block 3 (random weights, images of flat regions, batch B),
 each operator's time next to the block's under bf16 autocast and the share of assignments that
 change when the assignment matmul runs in tf32 or bf16 instead (features centred in every case).
-It swaps ``clustering.assign`` for the variants: a measurement, not a product option. The last lines
-compare CUDA with CPU on the same float32 inputs.
+It swaps ``clustering.assign`` for the variants: a measurement, not a product option. ``tf32~`` is
+TF32 emulated (inputs rounded to 10 mantissa bits, float32 accumulation): its timing means nothing,
+its agreement tells on any device which assignments TF32 would change. The last lines compare
+CUDA with CPU on the same float32 inputs.
 
     python benchmarks/distance_precision.py --device cuda --batch 256
     python benchmarks/distance_precision.py --device cpu --batch 4      # dry run
@@ -41,6 +43,20 @@ def assign_tf32(f: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         return FP32_ASSIGN(f, centers)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to TF32's 10 explicit mantissa bits (nearest, ties to even), still stored as float32."""
+    bits = x.float().contiguous().view(torch.int32)
+    bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & -0x2000
+    return bits.view(torch.float32)
+
+
+def assign_tf32_emulated(f: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """What a TF32 tensor-core matmul computes (inputs rounded, float32 accumulation), on any device:
+    lets a CPU say which assignments TF32 would change."""
+    y_sq = torch.linalg.vecdot(centers.float(), centers.float()).unsqueeze(1)
+    return torch.baddbmm(y_sq, round_to_tf32(f), round_to_tf32(centers).transpose(1, 2), alpha=-2.0).argmin(dim=-1)
 
 
 def assign_bf16(f: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -111,7 +127,8 @@ def main() -> None:
         for op_name in ["kmeans", "kmedoids", "wkmeans", "wkmedoids"]:
             op = make_operator(op_name)
             reference = None
-            for variant, fn in [("fp32", FP32_ASSIGN), ("tf32", assign_tf32), ("bf16", assign_bf16)]:
+            variants = [("fp32", FP32_ASSIGN), ("tf32", assign_tf32), ("tf32~", assign_tf32_emulated), ("bf16", assign_bf16)]
+            for variant, fn in variants if dev.type == "cuda" else [v for v in variants if v[0] != "tf32"]:
                 cl.assign = fn
                 try:
                     with amp:
@@ -131,7 +148,9 @@ def main() -> None:
         f = patches.float() - patches.float().mean(1, keepdim=True)
         centers = cl.gather_tokens(f, cl.significance_init(feats["significance"], k))
         a32 = FP32_ASSIGN(f, centers)
-        for variant, fn in [("tf32", assign_tf32), ("bf16", assign_bf16)]:
+        for variant, fn in [("tf32", assign_tf32), ("tf32~", assign_tf32_emulated), ("bf16", assign_bf16)]:
+            if variant == "tf32" and dev.type != "cuda":
+                continue  # no TF32 on a CPU: the emulation (tf32~) stands in
             print(f"one assignment step (centred), {variant} equal to fp32: {(fn(f, centers) == a32).float().mean().item():.5f}")
         raw = patches.float()
         raw_centers = cl.gather_tokens(raw, cl.significance_init(feats["significance"], k))
