@@ -361,3 +361,24 @@ def test_compiled_bench_rows_are_written_as_each_variant_finishes(tmp_path):
     assert [r["op"] for r in rows] == ["none", "topk"] and all(r["bench_img_s"] > 0 for r in rows)
     assert rows[1]["bench_compile"] is True and rows[1]["bench_compile_s"] is not None
     assert bench_points(model, planned, keys, settings, torch.device("cpu"), tmp_path, log=lambda m: None) == 1  # grid alone
+
+
+def test_bench_pass_progress_reaches_its_total(setup, tmp_path):
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.sweep import SweepProgress
+
+    class Recorder(SweepProgress):
+        total, done = None, 0
+
+        def bench_start(self, total_steps):
+            self.total = total_steps
+
+            def advance(n):
+                self.done += n
+            return advance
+
+    loaded = load_model(CKPT_MODEL, weights=setup["ckpt"], img_size=64)
+    rec = Recorder()
+    run_sweep(loaded, setup["data"], plan_points(["topk", "grid"], [0.5]), tmp_path, class_map=setup["class_map"], limit=4,
+              batch_size=4, workers=0, bench=BenchSettings(batch_size=2, warmup=0, steps=1, repeats=2), progress=rec)
+    assert rec.total == 1 + 2 + 2 and rec.done == rec.total  # baseline, two points, two timed rounds

@@ -86,11 +86,11 @@ class RichSweepProgress:
     def start(self, total_points: int, done_points: int) -> None:
         self.points = self.progress.add_task("points", total=total_points, completed=done_points, unit="")
 
-    def _bar(self, description: str, total: int) -> Advance:
+    def _bar(self, description: str, total: int, unit: str = "img/s") -> Advance:
         if self.current is None:
-            self.current = self.progress.add_task(description, total=total)
+            self.current = self.progress.add_task(description, total=total, unit=unit)
         else:
-            self.progress.reset(self.current, description=description, total=total)
+            self.progress.reset(self.current, description=description, total=total, unit=unit)
         return Advance(self.progress, self.current)
 
     def decode(self, total_files: int) -> Advance:
@@ -103,5 +103,10 @@ class RichSweepProgress:
         if self.points is not None:
             self.progress.advance(self.points, 1)
 
+    def bench_start(self, total_steps: int) -> Advance:
+        return self._bar("bench", total_steps, unit="")
+
     def bench(self, message: str) -> None:
-        self.progress.console.print(f"[dim]bench: {message.strip()}[/dim]", highlight=False)
+        """Show what the bench pass is timing on its bar; the per-variant results go to bench.jsonl."""
+        if self.current is not None and not message.startswith("  "):
+            self.progress.update(self.current, description=f"bench: {message.strip()}")

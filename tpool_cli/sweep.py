@@ -202,6 +202,10 @@ class SweepProgress:
 
     def point_done(self, row: dict[str, Any]) -> None: ...
 
+    def bench_start(self, total_steps: int) -> Callable[[int], None]:
+        """The bench pass begins: ``total_steps`` updates (baseline, each point, each timed round) to come."""
+        return lambda n: None
+
     def bench(self, message: str) -> None:
         """A step of the bench pass (``run_sweep(bench=...)``): what is being timed."""
 
@@ -345,7 +349,8 @@ def run_sweep(
         if not result.interrupted:
             try:
                 result.benched = bench_points(
-                    net, planned, bench_keys, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench, log=log,
+                    net, planned, bench_keys, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench,
+                    start=progress.bench_start, log=log,
                 )
             except KeyboardInterrupt:
                 result.interrupted = result.bench_interrupted = True

@@ -139,6 +139,7 @@ def bench_points(
     prop_attn: bool = False,
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
+    start: Optional[Callable[[int], Callable[[int], None]]] = None,
     log: Log = print,
 ) -> int:
     """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
@@ -147,7 +148,9 @@ def bench_points(
     :func:`tpool_cli.bench.bench` run (the baseline always with them, for the ratios) and each
     row appended as soon as it is final. An operator that fails while timed gets a row with
     ``bench_error`` (timed again by the next call); a baseline that cannot run raises
-    :class:`tpool_cli.errors.TpoolError`. Returns the number of points timed.
+    :class:`tpool_cli.errors.TpoolError`. ``start(total)`` is called once with the number of
+    updates to come (baseline, each point, each timed round in eager mode) and returns the callback
+    that advances a progress bar by them. Returns the number of points timed.
     """
     store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
     good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
@@ -170,8 +173,11 @@ def bench_points(
         if _spread(row["bench_runs_img_s"]) > NOISY_SPREAD:
             noisy.append(row["point"])
 
+    advance = start(1 + len(ops) + (0 if settings.compile else settings.repeats)) if start else (lambda n: None)
+
     def flush(report: BenchReport) -> None:
         """Append every row whose figures (its own, its ideal's and the baseline's) are final."""
+        advance(1)  # bench() calls this after the baseline, after each point and after each timed round
         if not _final(report.baseline, settings.repeats):
             return
         for point, point_key in baseline_missing:
@@ -191,6 +197,7 @@ def bench_points(
             if point.is_baseline:
                 store.append(failed_baseline_row(keys[point_key], point, settings, device, run, str(exc), depth))
         raise
+    advance(-1)  # the closing flush below is not one of bench()'s updates
     flush(report)
     if noisy:
         log(f"--bench: {len(noisy)} point(s) varied by more than {NOISY_SPREAD:.0%} between runs (a busy machine?), "
