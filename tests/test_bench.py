@@ -250,3 +250,25 @@ def test_steady_host_allocator_stops_page_faults_on_repeated_big_tensors():
 
     pages = (64 << 20) // 4096
     assert faults_per_alloc(64 << 20) < pages / 4  # glibc's default: one fault per 4 KiB page, every time
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_release_host_memory_gives_freed_memory_back():
+    import platform
+
+    from tpool_cli.device import release_host_memory, steady_host_allocator
+
+    if platform.libc_ver()[0] != "glibc" or not steady_host_allocator():
+        pytest.skip("not glibc")
+
+    def rss_mib() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+    big = torch.ones((256 << 20) // 4)
+    pinned_above = torch.ones(1024)  # a live block above it: the freed one is not at the top of the heap
+    del big
+    held = rss_mib()
+    assert release_host_memory()
+    assert held - rss_mib() > 128  # most of the 256 MiB left the process
+    del pinned_above

@@ -270,8 +270,13 @@ def test_failed_bench_rows_are_timed_again_and_a_failed_baseline_is_reported(set
         raise TpoolError("the unpatched model does not run: RuntimeError: out of memory")
 
     monkeypatch.setattr(sweep_bench, "bench", no_baseline)
+    busy = run_sweep(loaded, setup["data"], plan_points(["topk", "grid", "random"], [0.5]), out, **common)
+    assert busy.bench_failed and busy.benched == 0  # the new point could not be timed this time...
+    base = next(r for r in busy.rows if r["op"] == "none")
+    assert base["bench_error"] is None and base["bench_img_s"] > 0  # ...and the baseline's good row still counts
+    assert next(r for r in busy.rows if r["op"] == "random").get("bench_img_s") is None
     other = run_sweep(loaded, setup["data"], points, out, **{**common, "bench": BenchSettings(batch_size=4096, warmup=0, steps=1, repeats=1)})
-    assert other.bench_failed and "try a smaller --bench-batch-size" in other.bench_failed and "out of memory" in other.bench_failed
+    assert other.bench_failed and "try a smaller one" in other.bench_failed and "out of memory" in other.bench_failed
     assert len(other.rows) == 3 and other.rows == load_rows(out)  # the accuracy points are all there
     write_report(out, other.rows)
     assert "**the baseline could not be timed** (the unpatched model does not run" in (out / "pareto.md").read_text()
@@ -360,7 +365,7 @@ def test_compiled_bench_rows_are_written_as_each_variant_finishes(tmp_path):
     rows = lines(tmp_path / "bench.jsonl")
     assert [r["op"] for r in rows] == ["none", "topk"] and all(r["bench_img_s"] > 0 for r in rows)
     assert rows[1]["bench_compile"] is True and rows[1]["bench_compile_s"] is not None
-    assert bench_points(model, planned, keys, settings, torch.device("cpu"), tmp_path, log=lambda m: None) == 1  # grid alone
+    assert bench_points(model, planned, keys, settings, torch.device("cpu"), tmp_path, log=lambda m: None) == (1, 0)  # grid alone
 
 
 def test_bench_pass_progress_reaches_its_total(setup, tmp_path):
@@ -382,3 +387,31 @@ def test_bench_pass_progress_reaches_its_total(setup, tmp_path):
     run_sweep(loaded, setup["data"], plan_points(["topk", "grid"], [0.5]), tmp_path, class_map=setup["class_map"], limit=4,
               batch_size=4, workers=0, bench=BenchSettings(batch_size=2, warmup=0, steps=1, repeats=2), progress=rec)
     assert rec.total == 1 + 2 + 2 and rec.done == rec.total  # baseline, two points, two timed rounds
+
+
+def test_points_that_fail_to_time_are_counted_logged_and_retried(tmp_path):
+    from dataclasses import dataclass
+
+    from conftest import tiny_vit
+    from tpool_cli.bench import BenchSettings
+    from tpool_cli.ops import make_operator
+    from tpool_cli.ops.base import TokenOperator
+    from tpool_cli.schedule import Schedule
+    from tpool_cli.sweep import Point
+    from tpool_cli.sweep_bench import bench_points
+
+    @dataclass(frozen=True)
+    class Broken(TokenOperator):
+        name = "broken"
+
+        def reduce(self, x, k, ctx):
+            raise RuntimeError("boom")
+
+    schedule = Schedule(keep=0.5, layers=(1,))
+    planned = [(Point(), "p0"), (Point(Broken(), schedule), "p1"), (Point(make_operator("topk"), schedule), "p2")]
+    keys = {k: f"b-{k}" for _, k in planned}
+    logged: list[str] = []
+    quick = BenchSettings(batch_size=2, warmup=0, steps=1, repeats=1)
+    assert bench_points(tiny_vit(), planned, keys, quick, torch.device("cpu"), tmp_path, log=logged.append) == (3, 1)
+    assert any("could not be timed: RuntimeError: boom" in m for m in logged)
+    assert bench_points(tiny_vit(), planned, keys, quick, torch.device("cpu"), tmp_path, log=logged.append) == (1, 1)

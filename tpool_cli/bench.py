@@ -398,7 +398,10 @@ def bench(
     unpatch(model)
     model.eval().to(dev)
     depth = len(model.blocks)
-    x = synthetic_batch(model, settings.batch_size, settings.img_size, dev)
+    try:
+        x = synthetic_batch(model, settings.batch_size, settings.img_size, dev)
+    except RuntimeError as exc:  # out of memory, typically: the user's batch size, not a bug
+        raise TpoolError(f"cannot allocate a synthetic batch of {settings.batch_size} images: {str(exc).splitlines()[0][:200]}") from None
     img_size = int(x.shape[-1])
     full_path = _full_path(model)
 

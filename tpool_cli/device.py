@@ -99,7 +99,9 @@ def steady_host_allocator() -> bool:
     the allocator's sake. With mmap off and a 1 GiB trim threshold, a repeated forward pass
     reuses its memory without page faults (measured: 0 minor faults per 33-300 MiB tensor, against
     one per 4 KiB page before). Process-wide and permanent (glibc cannot restore its dynamic
-    threshold); it keeps up to 1 GiB of freed memory in the process. Called by
+    threshold); freed memory then stays with the process (free space at the top of the heap up to
+    1 GiB, freed blocks below live ones whatever their size) until :func:`release_host_memory`,
+    which the sweep calls when it drops its image cache. Called by
     :func:`tpool_cli.bench.bench` and :func:`tpool_cli.evaluate.evaluate` before timing on a CPU.
     Returns whether the allocator is (now) steady; False where there is no glibc.
     """
@@ -115,3 +117,21 @@ def steady_host_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _steady = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _steady
+
+
+def release_host_memory() -> bool:
+    """Hand the CPU memory that is free in malloc's heap back to the OS (glibc ``malloc_trim``).
+
+    With the steady allocator, freed blocks stay with the process; after dropping something big
+    (a sweep's decoded-image cache) this returns them, at the cost of page faults when the memory
+    is used again. Returns whether anything could be done (False without glibc).
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -23,7 +23,7 @@ import torch
 
 from .data import ImageFolder, data_config, decode_once, fingerprint, scan_folder
 from .errors import TpoolError
-from .device import device_name, dtype_label, resolve_amp, resolve_device
+from .device import device_name, dtype_label, release_host_memory, resolve_amp, resolve_device
 from .evaluate import evaluate, model_config, versions
 from .models import LoadedModel
 from .output import write_text
@@ -225,6 +225,7 @@ class SweepResult:
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     benched: int = 0  # points timed by this call's bench pass (0 without one, or when all were in bench.jsonl)
     bench_interrupted: bool = False  # Ctrl-C came during the bench pass (every accuracy point is kept)
+    bench_failures: int = 0  # points of this call's bench pass that could not be timed (bench_error)
     bench_failed: Optional[str] = None  # why the bench pass could not time the baseline
 
 
@@ -342,22 +343,23 @@ def run_sweep(
             decoded = None  # the bench pass must not share the device with the image cache
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+            release_host_memory()  # the cache's host copy, now free, back to the OS
     result.rows = [done[key] for _, key in planned if key in done]
     if bench is not None:
         from .sweep_bench import bench_points, merge_bench, read_bench
 
         if not result.interrupted:
             try:
-                result.benched = bench_points(
+                result.benched, result.bench_failures = bench_points(
                     net, planned, bench_keys, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench,
                     start=progress.bench_start, log=log,
                 )
             except KeyboardInterrupt:
                 result.interrupted = result.bench_interrupted = True
             except TpoolError as exc:
-                result.bench_failed = (
-                    f"--bench could not time the baseline at batch {bench.batch_size} ({exc}); "
-                    "try a smaller --bench-batch-size"
+                memory = "out of memory" in str(exc).lower() or "cannot allocate" in str(exc).lower()
+                result.bench_failed = f"--bench: {exc}" + (
+                    f" (at --bench-batch-size {bench.batch_size}: try a smaller one)" if memory else ""
                 )
         # the very figures `tpool report` merges: whatever bench.jsonl holds for this plan
         result.rows = merge_bench(result.rows, read_bench(out, bench_keys, log))

@@ -141,28 +141,29 @@ def bench_points(
     progress: Optional[Callable[[str], None]] = None,
     start: Optional[Callable[[int], Callable[[int], None]]] = None,
     log: Log = print,
-) -> int:
+) -> tuple[int, int]:
     """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
 
     ``keys`` maps each point key to its :func:`bench_key`. The missing points are timed in one
     :func:`tpool_cli.bench.bench` run (the baseline always with them, for the ratios) and each
     row appended as soon as it is final. An operator that fails while timed gets a row with
     ``bench_error`` (timed again by the next call); a baseline that cannot run raises
-    :class:`tpool_cli.errors.TpoolError`. ``start(total)`` is called once with the number of
+    :class:`tpool_cli.errors.TpoolError` (after writing what it could). ``start(total)`` is called once with the number of
     updates to come (baseline, each point, each timed round in eager mode) and returns the callback
-    that advances a progress bar by them. Returns the number of points timed.
+    that advances a progress bar by them. Returns (points timed, of which failed).
     """
     store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
     good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
     missing = [(p, k) for p, k in planned if keys[k] not in good]
     if not missing:
-        return 0
+        return 0, 0
     ops = [(p, k) for p, k in missing if not p.is_baseline]
     baseline_missing = [(p, k) for p, k in missing if p.is_baseline]
     run = time.strftime("%Y%m%dT%H%M%S")
     depth = len(model.blocks)  # type: ignore[arg-type]
     written: set[str] = set()
     noisy: list[str] = []
+    failed: list[str] = []
 
     def write(point: Point, point_key: str, r: BenchRow | None, report: BenchReport) -> None:
         b = report.baseline
@@ -170,6 +171,9 @@ def bench_points(
                else bench_row(keys[point_key], point, b, b, b, report, run, depth))
         store.append(row)
         written.add(point_key)
+        if row["bench_error"]:
+            failed.append(row["point"])
+            log(f"--bench: {row['point']} could not be timed: {row['bench_error']}")
         if _spread(row["bench_runs_img_s"]) > NOISY_SPREAD:
             noisy.append(row["point"])
 
@@ -193,16 +197,17 @@ def bench_points(
             errors="record", count_gmacs=False, progress=progress, on_update=flush,
         )
     except TpoolError as exc:  # the baseline does not run: say so in the report too, then let the caller decide
-        for point, point_key in planned:
-            if point.is_baseline:
-                store.append(failed_baseline_row(keys[point_key], point, settings, device, run, str(exc), depth))
+        for point, point_key in baseline_missing:  # a good row of an earlier run stays the one that counts
+            store.append(failed_baseline_row(keys[point_key], point, settings, device, run, str(exc), depth))
         raise
     advance(-1)  # the closing flush below is not one of bench()'s updates
     flush(report)
     if noisy:
         log(f"--bench: {len(noisy)} point(s) varied by more than {NOISY_SPREAD:.0%} between runs (a busy machine?), "
             f"e.g. {noisy[0]}; see bench_runs_img_s in {store.path}")
-    return len(written)
+    if report.baseline.error:  # it ran its first calls, then failed in a timed round
+        raise TpoolError(f"the unpatched model failed while timed: {report.baseline.error}")
+    return len(written), len(failed)
 
 
 def merge_bench(rows: list[dict[str, Any]], bench_rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -126,7 +126,8 @@ def pareto(
     if result.reused:
         stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")
     if result.benched:
-        stderr.print(f"timed {result.benched} point(s) with tpool bench -> {out / 'bench.jsonl'}", highlight=False)
+        failed = f" ({result.bench_failures} could not be timed: see bench_error)" if result.bench_failures else ""
+        stderr.print(f"timed {result.benched} point(s) with tpool bench{failed} -> {out / 'bench.jsonl'}", highlight=False)
     if result.skipped_files:
         stderr.print(f"[yellow]skipped {len(result.skipped_files)} unreadable file(s)[/yellow], e.g. {result.skipped_files[0]['path']}")
     if result.bench_interrupted:
@@ -144,6 +145,8 @@ def pareto(
         sys.exit(130)
     if result.bench_failed:
         stderr.print(f"[red]error:[/red] {result.bench_failed}", highlight=False)
+        sys.exit(1)
+    if result.bench_failures:  # like `tpool bench`: an operator that cannot be timed is a bug to look at
         sys.exit(1)
     if code:
         sys.exit(code)
