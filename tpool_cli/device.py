@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -108,13 +108,9 @@ def steady_host_allocator() -> bool:
     global _steady
     if _steady:
         return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _steady = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _steady
 
@@ -126,12 +122,20 @@ def release_host_memory() -> bool:
     (a sweep's decoded-image cache) this returns them, at the cost of page faults when the memory
     is used again. Returns whether anything could be done (False without glibc).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
+
+
+def _glibc(name: str, argtypes: list) -> Optional[Any]:
+    """glibc's function ``name`` (returning int) through ctypes, or None where there is no glibc."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
