@@ -148,9 +148,10 @@ def bench_points(
     :func:`tpool_cli.bench.bench` run (the baseline always with them, for the ratios) and each
     row appended as soon as it is final. An operator that fails while timed gets a row with
     ``bench_error`` (timed again by the next call); a baseline that cannot run raises
-    :class:`tpool_cli.errors.TpoolError` (after writing what it could). ``start(total)`` is called once with the number of
-    updates to come (baseline, each point, each timed round in eager mode) and returns the callback
-    that advances a progress bar by them. Returns (points timed, of which failed).
+    :class:`tpool_cli.errors.TpoolError` (after writing what it could). ``start(total)`` is called
+    once with the number of updates to come (baseline, each point, each timed round in eager mode)
+    and returns the callback that advances a progress bar by them. Returns (points timed, of which
+    failed).
     """
     store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
     good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
