@@ -30,7 +30,8 @@ import torch
 from .bench import BenchReport, BenchRow, BenchSettings, Variant, bench
 from .device import device_name, dtype_label
 from .errors import TpoolError
-from .sweep import KEY_FIELDS, Log, Point, ResultsStore
+from .schedule import Schedule
+from .sweep import Log, Point, ResultsStore, point_identity
 
 BENCH_FILE = "bench.jsonl"
 # Point-key fields a timing on a synthetic batch does not depend on.
@@ -55,22 +56,9 @@ def bench_key(ident: dict[str, Any], settings: BenchSettings, dtype: str) -> str
     timing = asdict(settings)
     timing.pop("img_size", None)  # the point already has the resolution
     timing["amp"] = dtype
-    point = {k: ident.get(k) for k in KEY_FIELDS if k not in DATA_FIELDS and k != "weights_id"}
-    point["weights_id"] = ident.get("weights_sha256") or ident.get("weights")
+    point = {k: v for k, v in point_identity(ident).items() if k not in DATA_FIELDS}
     text = json.dumps({"point": point, "timing": timing}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _rate(v: Variant) -> Optional[float]:
-    return v.timing.img_per_s if v.timing else None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return round(a / b, 4) if a is not None and b else None
-
-
-def _round(value: Optional[float]) -> Optional[float]:
-    return None if value is None else round(value, 3)
 
 
 def _final(v: Variant, repeats: int) -> bool:
@@ -78,26 +66,24 @@ def _final(v: Variant, repeats: int) -> bool:
     return v.error is not None or (v.timing is not None and len(v.timing.runs_img_per_s) >= repeats)
 
 
-def bench_row(
-    key: str, point: Point, variant: Variant, baseline: Variant, ideal: Variant, report: BenchReport, run: str, depth: int,
-) -> dict[str, Any]:
-    """One point's figures, with the baseline and ideal of the run they were measured in."""
+def bench_row(key: str, point: Point, result: BenchRow, report: BenchReport, run: str) -> dict[str, Any]:
+    """One point's figures (``tpool bench``'s row of it, renamed), with the baseline and ideal of its run."""
     s = report.settings
-    rate, base, ideal_rate = _rate(variant), _rate(baseline), _rate(ideal)
+    r = result.row(s, {})
     return {
         "key": key,
-        "point": point.label(depth),
+        "point": point.label(result.depth),
         "op": point.operator.label() if point.operator is not None else "none",
-        "tokens_per_block": variant.tokens_per_block,
-        "bench_img_s": _round(rate),
-        "bench_baseline_img_s": _round(base),
-        "bench_ideal_img_s": _round(ideal_rate),
-        "bench_vs_baseline": _ratio(rate, base),
-        "bench_vs_ideal": _ratio(rate, ideal_rate),
-        "bench_ideal_vs_baseline": _ratio(ideal_rate, base),
-        "bench_runs_img_s": [round(r, 3) for r in variant.timing.runs_img_per_s] if variant.timing else None,
-        "bench_compile_s": round(variant.timing.first_call_s, 3) if s.compile and variant.timing else None,
-        "bench_error": variant.error or ideal.error or baseline.error,
+        "tokens_per_block": r["tokens_per_block"],
+        "bench_img_s": r["op_img_s"],
+        "bench_baseline_img_s": r["baseline_img_s"],
+        "bench_ideal_img_s": r["ideal_img_s"],
+        "bench_vs_baseline": r["op_vs_baseline"],
+        "bench_vs_ideal": r["op_vs_ideal"],
+        "bench_ideal_vs_baseline": r["ideal_vs_baseline"],
+        "bench_runs_img_s": r["op_runs_img_s"],
+        "bench_compile_s": r["op_compile_s"],
+        "bench_error": r["error"],
         "bench_run": run,
         "bench_batch_size": s.batch_size,
         "bench_dtype": dtype_label(report.amp),
@@ -167,9 +153,9 @@ def bench_points(
     failed: list[str] = []
 
     def write(point: Point, point_key: str, r: BenchRow | None, report: BenchReport) -> None:
-        b = report.baseline
-        row = (bench_row(keys[point_key], point, r.operator, r.baseline, r.ideal, report, run, depth) if r is not None
-               else bench_row(keys[point_key], point, b, b, b, report, run, depth))
+        b = report.baseline  # the baseline point: its own ideal and operator
+        r = r or BenchRow("none", Schedule(keep=1.0), depth, b, b, b)
+        row = bench_row(keys[point_key], point, r, report, run)
         store.append(row)
         written.add(point_key)
         if row["bench_error"]:
