@@ -197,6 +197,14 @@ def test_pareto_errors_are_one_line(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["report", str(tmp_path / "nothing")])
     assert info.value.code == 2 and "no results.jsonl" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as info:
+        main([*pareto_args(setup, tmp_path / "a_file" / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot create the output folder" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as info:  # error texts are printed as they are, not read as Rich markup
+        main(["pareto", "--data", str(tmp_path / "[x]missing"), "--out", str(tmp_path / "o2")])
+    assert info.value.code == 2 and "[x]missing" in capsys.readouterr().err
 
 
 def test_bench_figures_join_the_sweep_and_are_reused(setup, tmp_path):

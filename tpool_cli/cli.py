@@ -7,6 +7,7 @@ import warnings
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .errors import TpoolError
 from .output import stderr
@@ -43,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    stderr.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    # the message is plain text (paths, exception texts like "[enforce fail at ...]"), not Rich markup
+    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(code)
 
 

@@ -50,9 +50,11 @@ Log = Callable[[str], None]
 
 
 def _stderr_log(message: str) -> None:
+    from rich.markup import escape
+
     from .output import stderr
 
-    stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 @dataclass(frozen=True)
@@ -170,16 +172,19 @@ class ResultsStore:
     def append(self, row: dict[str, Any]) -> None:
         """Write ``row`` as one line, durably, before returning."""
         line = (json.dumps(row, default=str) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(line)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk or a read-only folder: one clear line, the rows before it kept
+            raise TpoolError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 def move_aside(path: Path) -> Path:
@@ -261,7 +266,10 @@ def run_sweep(
     """
     progress = progress or SweepProgress()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TpoolError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     store = ResultsStore(out / RESULTS_FILE, log)
     if not resume:
         from .sweep_bench import BENCH_FILE

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
 from ..cli import app
 from ..cli_options import (
@@ -144,7 +145,7 @@ def pareto(
     if result.interrupted:
         sys.exit(130)
     if result.bench_failed:
-        stderr.print(f"[red]error:[/red] {result.bench_failed}", highlight=False)
+        stderr.print(f"[red]error:[/red] {escape(result.bench_failed)}", highlight=False)
         sys.exit(1)
     if result.bench_failures:  # like `tpool bench`: an operator that cannot be timed is a bug to look at
         sys.exit(1)
