@@ -58,6 +58,8 @@ class TokenOperator:
     merges: ClassVar[bool] = False
     # True when the output depends on the patch's seed (random selection); results key on it then.
     draws_random: ClassVar[bool] = False
+    # Proportional attention when the user leaves it open (PatchConfig.prop_attn None): the reference's setting.
+    default_prop_attn: ClassVar[bool] = False
 
     def needs(self) -> frozenset[str]:
         """The block features (see FEATURES) this operator reads from the context."""
