@@ -90,7 +90,7 @@ def hand_block(blk, x, p, sizes, prop_attn, operator, k_out, grid):
             significance=weights[..., p:].sum(dim=(1, 2)),
             keys=k[:, :, p:].mean(dim=1),
         )
-        red = operator.reduce(x[:, p:], k_out, ctx)
+        red = operator(x[:, p:], k_out, ctx)
         x = torch.cat([x[:, :p], red.tokens], dim=1)
         sizes, grid = red.sizes, red.grid
     mlp = blk.mlp
