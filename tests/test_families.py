@@ -174,3 +174,33 @@ def test_operator_template_owns_the_identity():
     for op in operator_names():
         out = make_operator(op)(x, 5, ReduceContext(sizes=torch.ones(2, 5), grid=(1, 5)))
         assert torch.equal(out.tokens, x) and torch.equal(out.assignment, torch.arange(5).expand(2, 5)), op
+
+
+@pytest.mark.parametrize("family", ["eva02", "rope_mixed", "dinov3"])
+@pytest.mark.parametrize("op", ["random", "grid"])
+def test_eva_reducing_block_equals_timm_parts(family, op, images):
+    """The reducing EvaBlock equals timm's own attention (q/v bias, rope), gamma_1, the operator, norm2,
+    SwiGLU/MLP and gamma_2 composed by hand (random LayerScale gammas, so a dropped one shows)."""
+    model = FAMILIES[family]()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for name in ("gamma_1", "gamma_2"):
+                if getattr(blk, name) is None:
+                    setattr(blk, name, torch.nn.Parameter(torch.ones(64)))
+                getattr(blk, name).copy_(torch.rand(64, generator=g) * 2 - 0.5)
+    patch(model, op, keep=0.5, layers=(0,))
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.update(x=args[0], rope=kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        model.forward_features(images)
+        x, rope = seen["x"], seen["rope"]
+        got = model.blocks[0](x, rope=rope)
+        blk, p = model.blocks[0].block, model.num_prefix_tokens
+        x1 = x + blk.gamma_1 * blk.attn(blk.norm1(x), rope=rope)
+        from tpool_cli.ops.base import ReduceContext
+
+        red = make_operator(op)(x1[:, p:], 32, ReduceContext(sizes=torch.ones(2, 64), grid=(8, 8), seed=model.tpool_state.block_seed(0)))
+        x2 = torch.cat([x1[:, :p], red.tokens], dim=1)
+        want = x2 + blk.gamma_2 * blk.mlp(blk.norm2(x2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
