@@ -204,3 +204,17 @@ def test_eva_reducing_block_equals_timm_parts(family, op, images):
         x2 = torch.cat([x1[:, :p], red.tokens], dim=1)
         want = x2 + blk.gamma_2 * blk.mlp(blk.norm2(x2))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_eva_compiles_in_one_graph(images):
+    """torch.compile(fullgraph=True) through the Eva adapter, rope side tensors and the size-aware avg head."""
+    import torch._dynamo
+
+    model = FAMILIES["eva02"]()
+    patch(model, "kmeans", keep=0.5, layers=(1,), iters=2)
+    with torch.no_grad():
+        eager = model(images)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)(images)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
