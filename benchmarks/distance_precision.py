@@ -28,7 +28,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import tpool_cli.ops.clustering as cl  # noqa: E402
-from tpool_cli.attention import attention_with_features  # noqa: E402
+from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operator  # noqa: E402
 from tpool_cli.ops.base import ReduceContext  # noqa: E402
@@ -132,8 +132,8 @@ def main() -> None:
                 cl.assign = fn
                 try:
                     with amp:
-                        result = op.reduce(patches, k, ctx)
-                        elapsed = time_it(lambda: op.reduce(patches, k, ctx))
+                        result = op(patches, k, ctx)
+                        elapsed = time_it(lambda: op(patches, k, ctx))
                 finally:
                     cl.assign = FP32_ASSIGN
                 reference = reference or result
@@ -160,8 +160,8 @@ def main() -> None:
             sub = {key: value[:16].float() for key, value in feats.items()}
             for op_name in ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "tome", "evit"]:
                 op = make_operator(op_name)
-                on_gpu = op.reduce(patches[:16].float(), k, ReduceContext(sizes=sizes[:16], track=True, **sub))
-                on_cpu = op.reduce(
+                on_gpu = op(patches[:16].float(), k, ReduceContext(sizes=sizes[:16], track=True, **sub))
+                on_cpu = op(
                     patches[:16].float().cpu(), k,
                     ReduceContext(sizes=sizes[:16].cpu(), track=True, **{key: v.cpu() for key, v in sub.items()}),
                 )

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
-from tpool_cli.attention import attention_with_features  # noqa: E402
+from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operator, operator_names  # noqa: E402
 from tpool_cli.ops.base import FEATURES, ReduceContext, Reduction, TokenOperator  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         needs = op.needs()
         ctx = ReduceContext(sizes=sizes, grid=grid, seed=0, **{f: all_features[f] for f in needs})
         realised[op.name] = op.realise(n, k, grid)
-        candidates[f"{op.name}: op"] = (lambda op=op, ctx=ctx, kk=realised[op.name]: op.reduce(patches, kk, ctx))
+        candidates[f"{op.name}: op"] = (lambda op=op, ctx=ctx, kk=realised[op.name]: op(patches, kk, ctx))
         candidates[f"{op.name}: attention + features"] = (
             lambda needs=needs: attention_with_features(block.attn, block.norm1(x), None, needs, 1)
         )

@@ -45,7 +45,7 @@ ROW_FIELDS = {
 def test_drop_keeps_the_first_k_tokens():
     x = torch.randn(2, 6, 4)
     sizes = torch.arange(12, dtype=torch.float32).view(2, 6)
-    out = make_operator("drop").reduce(x, 4, ReduceContext(sizes=sizes, track=True))
+    out = make_operator("drop")(x, 4, ReduceContext(sizes=sizes, track=True))
     assert torch.equal(out.tokens, x[:, :4]) and torch.equal(out.sizes, sizes[:, :4])
     assert out.assignment.tolist() == [[0, 1, 2, 3, -1, -1]] * 2
     assert make_operator("drop").needs() == frozenset()  # fused attention in every block

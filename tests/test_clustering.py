@@ -150,7 +150,7 @@ def test_significance_init_is_the_top_k():
 def test_operator_outputs_match_the_references(name, init):
     x, sizes, sig, k = problem(7, n=12, d=6, k=5)
     op = make_operator(name, init=init, iters=4)
-    out = op.reduce(x, k, ReduceContext(sizes=sizes, significance=sig, track=True))
+    out = op(x, k, ReduceContext(sizes=sizes, significance=sig, track=True))
     w = clustering_weights(sizes, sig if name.startswith("w") else None)
     for i in range(x.shape[0]):
         f, wl = x[i].tolist(), w[i].tolist()
@@ -198,7 +198,7 @@ def test_deterministic_and_batch_independent(name, features):
     op = make_operator(name, features=features)
 
     def run(sl):
-        return op.reduce(x[sl], k, ReduceContext(sizes=sizes[sl], significance=sig[sl], keys=keys[sl], track=True))
+        return op(x[sl], k, ReduceContext(sizes=sizes[sl], significance=sig[sl], keys=keys[sl], track=True))
 
     full, again = run(slice(None)), run(slice(None))
     assert torch.equal(full.tokens, again.tokens) and torch.equal(full.assignment, again.assignment)
@@ -215,8 +215,8 @@ def test_weighted_equals_unweighted_when_weights_are_equal(medoids, init):
     x, sizes, _, k = problem(5, n=18, k=5)
     sig = torch.full(sizes.shape, 0.5)  # equal significance (a power of two: exact scaling)
     ctx = ReduceContext(sizes=sizes, significance=sig, track=True)
-    plain = make_operator("kmedoids" if medoids else "kmeans", init=init).reduce(x, k, ctx)
-    weighted = make_operator("wkmedoids" if medoids else "wkmeans", init=init).reduce(x, k, ctx)
+    plain = make_operator("kmedoids" if medoids else "kmeans", init=init)(x, k, ctx)
+    weighted = make_operator("wkmedoids" if medoids else "wkmeans", init=init)(x, k, ctx)
     assert torch.equal(plain.assignment, weighted.assignment)
     assert torch.allclose(plain.tokens, weighted.tokens, atol=1e-6)
     assert torch.equal(plain.sizes, weighted.sizes)
@@ -233,7 +233,7 @@ def test_empty_cluster_keeps_its_previous_center():
     assert centers[0].tolist() == [[0.0, 0.0], [0.0, 0.0], [5.0, 5.5]]
     a, medoids = kmedoids(x, w, seeds, iters=3)
     assert medoids.tolist() == [[0, 1, 2]] and a.tolist() == [[0, 0, 2, 2]]
-    out = make_operator("kmeans", init="significance").reduce(
+    out = make_operator("kmeans", init="significance")(
         x, 3, ReduceContext(sizes=w, significance=torch.tensor([[3.0, 2.0, 1.0, 0.0]]))
     )
     assert out.sizes.tolist() == [[2.0, 0.0, 2.0]] and torch.isfinite(out.tokens).all()
@@ -242,7 +242,7 @@ def test_empty_cluster_keeps_its_previous_center():
 def test_keys_features_cluster_keys_but_output_tokens():
     x, sizes, sig, k = problem(2, n=16, d=6, k=4)
     keys = -x[..., :3] * 2  # any features; the output must be averages of x under the key clustering
-    out = make_operator("kmeans", features="keys").reduce(x, k, ReduceContext(sizes=sizes, significance=sig, keys=keys, track=True))
+    out = make_operator("kmeans", features="keys")(x, k, ReduceContext(sizes=sizes, significance=sig, keys=keys, track=True))
     ref_a, _ = ref_kmeans(keys[0].tolist(), sizes[0].tolist(), sorted(sig[0].topk(k).indices.tolist()), 5)
     assert out.assignment[0].tolist() == ref_a
     for c in range(k):
@@ -289,9 +289,9 @@ def test_autocast_does_not_lower_distance_precision(name):
     x, sizes, sig, k = problem(11, b=2, n=30, d=16, k=9)
     x = x + 40.0  # a large common component: bf16 matmul distances would be noise here
     ctx = ReduceContext(sizes=sizes, significance=sig, track=True)
-    ref = make_operator(name).reduce(x, k, ctx)
+    ref = make_operator(name)(x, k, ctx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        amp = make_operator(name).reduce(x, k, ctx)
+        amp = make_operator(name)(x, k, ctx)
     assert torch.equal(ref.assignment, amp.assignment)
 
 

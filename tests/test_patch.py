@@ -131,3 +131,32 @@ def test_class_attention_operators_need_a_class_token(images):
     with torch.no_grad():
         assert model(images).shape == (3, 10)
     assert model.tpool_state.counts[1] == (64, 32)
+
+
+def test_patch_config_and_loose_arguments_agree(images):
+    """patch(config=PatchConfig(...)) and the old loose keywords build the same patch; loose ones override."""
+    from dataclasses import dataclass
+
+    from tpool_cli.ops.pruning import TopK
+    from tpool_cli.patch_config import PatchConfig
+
+    model = tiny_vit()
+    with torch.no_grad():
+        patch(model, "kmeans", keep=0.5, layers=(1, 2), config=PatchConfig(prop_attn=True, seed=3, track=True))
+        a = model(images)
+        assert model.tpool_config == PatchConfig(prop_attn=True, seed=3, track=True) and model.tpool_state.source is not None
+        patch(model, "kmeans", keep=0.5, layers=(1, 2), prop_attn=True, seed=3, track=True)
+        assert torch.equal(model(images), a)
+        patch(model, "kmeans", keep=0.5, layers=(1, 2), config=PatchConfig(prop_attn=True), prop_attn=False)
+        assert model.tpool_config.prop_attn is False and not model.tpool_state.prop_attn
+
+    @dataclass(frozen=True)
+    class PropByDefault(TopK):
+        default_prop_attn = True
+
+    patch(model, PropByDefault(), keep=0.5, layers=(1,))
+    assert model.tpool_state.prop_attn  # prop_attn left open: the operator's default
+    patch(model, "topk", keep=0.5, layers=(1,))
+    assert not model.tpool_state.prop_attn  # today's operators: off, as before
+    unpatch(model)
+    assert not hasattr(model, "tpool_config")

@@ -47,7 +47,7 @@ def structured_tokens(seed, b=8, rows=8, cols=8, c=16, regions=6, noise=0.3):
 
 def errors(x, ctx, k, name, **options):
     """(unweighted, significance-weighted) reconstruction error, mean over the batch."""
-    out = make_operator(name, **options).reduce(x, k, ctx)
+    out = make_operator(name, **options)(x, k, ctx)
     assert out.tokens.shape[1] == k, f"{name} realised {out.tokens.shape[1]} tokens, not {k}"
     return (
         reconstruction_error(x, out.tokens, ctx.sizes).mean().item(),

@@ -53,7 +53,7 @@ def ref_tome(x, sizes, keys, r):
 @pytest.mark.parametrize("n, k", [(15, 10), (16, 9), (16, 8), (7, 5)])
 def test_tome_matches_the_loop_reference(seed, n, k):
     x, sizes, keys, _ = problem(seed, n=n)
-    out = make_operator("tome").reduce(x, k, ReduceContext(sizes=sizes, keys=keys, track=True))
+    out = make_operator("tome")(x, k, ReduceContext(sizes=sizes, keys=keys, track=True))
     assert out.tokens.shape == (3, k, 6)
     for i in range(3):
         ref_a, ref_tokens, ref_sizes = ref_tome(x[i].tolist(), sizes[i].tolist(), keys[i].tolist(), n - k)
@@ -65,13 +65,13 @@ def test_tome_matches_the_loop_reference(seed, n, k):
 @pytest.mark.parametrize("n, k", [(15, 8), (16, 8), (9, 5)])
 def test_tome_sizes_sum_to_the_input(n, k):
     x, sizes, keys, _ = problem(1, n=n)
-    out = make_operator("tome").reduce(x, k, ReduceContext(sizes=sizes, keys=keys))
+    out = make_operator("tome")(x, k, ReduceContext(sizes=sizes, keys=keys))
     assert torch.equal(out.sizes.sum(1), sizes.sum(1))
 
 
 def test_tome_with_r_zero_is_the_identity():
     x, sizes, keys, _ = problem(2, n=12)
-    out = make_operator("tome").reduce(x, 12, ReduceContext(sizes=sizes, keys=keys, track=True))
+    out = make_operator("tome")(x, 12, ReduceContext(sizes=sizes, keys=keys, track=True))
     assert torch.equal(out.tokens, x) and torch.equal(out.sizes, sizes)
     assert torch.equal(out.assignment, torch.arange(12).expand(3, 12))
 
@@ -84,7 +84,7 @@ def test_tome_realises_at_most_half_the_tokens_per_block():
     assert op.realise(7, 1, None) == 3  # |A| = 4 of 7
     assert op.realise(2, 1, None) == 1 and op.realise(1, 1, None) == 1
     x, sizes, keys, _ = problem(3, n=7)
-    assert make_operator("tome").reduce(x, 1, ReduceContext(sizes=sizes, keys=keys)).tokens.shape[1] == 3
+    assert make_operator("tome")(x, 1, ReduceContext(sizes=sizes, keys=keys)).tokens.shape[1] == 3
 
 
 def test_tome_planned_counts_are_honest(images):
@@ -124,7 +124,7 @@ def ref_evit(x, sizes, attn, k):
 @pytest.mark.parametrize("k", [1, 2, 9, 14])
 def test_evit_matches_the_loop_reference(seed, k):
     x, sizes, _, attn = problem(seed)
-    out = make_operator("evit").reduce(x, k, ReduceContext(sizes=sizes, cls_attn=attn, track=True))
+    out = make_operator("evit")(x, k, ReduceContext(sizes=sizes, cls_attn=attn, track=True))
     assert out.tokens.shape == (3, k, 6)
     for i in range(3):
         ref_a, ref_tokens, ref_sizes = ref_evit(x[i].tolist(), sizes[i].tolist(), attn[i].tolist(), k)
@@ -139,14 +139,14 @@ def test_evit_fused_token_is_defined_without_attention():
     x, sizes, _, _ = problem(4)
     attn = torch.zeros(3, 15)
     attn[:, :3] = 1.0
-    out = make_operator("evit").reduce(x, 4, ReduceContext(sizes=sizes, cls_attn=attn))
+    out = make_operator("evit")(x, 4, ReduceContext(sizes=sizes, cls_attn=attn))
     expected = (x[:, 3:] * sizes[:, 3:, None]).sum(1) / sizes[:, 3:].sum(1, keepdim=True)
     assert torch.allclose(out.tokens[:, -1], expected, atol=1e-5)
 
 
 def test_evit_identity_when_nothing_to_drop():
     x, sizes, _, attn = problem(5)
-    out = make_operator("evit").reduce(x, 15, ReduceContext(sizes=sizes, cls_attn=attn, track=True))
+    out = make_operator("evit")(x, 15, ReduceContext(sizes=sizes, cls_attn=attn, track=True))
     assert torch.equal(out.tokens, x) and torch.equal(out.assignment, torch.arange(15).expand(3, 15))
 
 
@@ -185,7 +185,7 @@ def test_every_operator_compiles_as_one_graph(op):
 
     def reduce(x, sizes, significance, cls_attn, keys):
         ctx = ReduceContext(sizes=sizes, grid=(8, 8), track=True, significance=significance, cls_attn=cls_attn, keys=keys)
-        out = operator.reduce(x, 20, ctx)
+        out = operator(x, 20, ctx)
         return out.tokens, out.sizes, out.assignment
 
     torch._dynamo.reset()

@@ -1,70 +1,65 @@
-"""timm's self-attention, recomputed so that it can also hand out what operators need.
+"""The one attend-with-features function every block family shares.
 
-Mirrors ``timm.layers.Attention.forward`` step for step (qkv, q/k-norm, fused or explicit
-attention, scale-norm, gate, proj) and adds, only when asked:
-
-* ``cls_attn``: the class-token row of the attention (one 1 x N matmul per head), so that blocks
-  of class-attention operators keep fused attention for the full output;
-* ``significance``: attention received per token, summed over heads and all queries, which needs
-  the explicit N x N attention (only in the blocks that reduce);
-* ``keys``: keys averaged over heads.
+A family's adapter (``tpool_cli/adapters``) turns its block's input into per-head q, k, v (with
+its own biases, q/k-norm and rope) and an :class:`AttentionSpec`; :func:`attend` runs the
+attention exactly as timm does (fused ``scaled_dot_product_attention``, or the explicit softmax
+when the module has fused attention off) and computes, only when asked, the features operators
+read (registered by name in ``ops/base.py``: class-token attention, significance, keys...).
+A feature that needs the explicit N x N attention (significance) switches the block to the
+explicit path; the others keep the fused kernel (class attention costs one 1 x N row per head).
 
 ``bias`` is an additive attention bias (log token sizes for proportional attention), B x 1 x 1 x N.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.base import CLS_ATTN, KEYS, SIGNIFICANCE
+from .ops.base import FEATURE_REGISTRY, AttentionView
 
 
-def attention_with_features(
-    attn: nn.Module,
-    x: torch.Tensor,
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a family's attention module attends (read from the module, not from the family)."""
+
+    scale: float
+    fused: bool
+    attn_drop: nn.Module
+    training: bool
+
+
+def spec_of(attn: nn.Module) -> AttentionSpec:
+    """The spec of a timm-style attention module (``scale``, ``fused_attn``, ``attn_drop``)."""
+    return AttentionSpec(float(attn.scale), bool(getattr(attn, "fused_attn", False)), attn.attn_drop, attn.training)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
     bias: Optional[torch.Tensor],
     needs: frozenset[str],
     num_prefix: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run ``attn`` (a timm Attention) on x, returning its output and the requested features."""
-    b, n, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    """Attention output (B x H x N x D, heads not yet merged) and the requested features."""
     if bias is not None:
         bias = bias.to(q.dtype)
-    features: dict[str, torch.Tensor] = {}
-
-    if SIGNIFICANCE in needs or not attn.fused_attn:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
+    explicit = not spec.fused or any(FEATURE_REGISTRY[name].needs_weights for name in needs)
+    weights = None
+    if explicit:
+        scores = (q * spec.scale) @ k.transpose(-2, -1)
         if bias is not None:
             scores = scores + bias
         weights = scores.softmax(dim=-1)
-        if SIGNIFICANCE in needs:
-            features[SIGNIFICANCE] = weights[..., num_prefix:].float().sum(dim=(1, 2))
-        if CLS_ATTN in needs:
-            features[CLS_ATTN] = weights[:, :, 0, num_prefix:].float().mean(dim=1)
-        out = attn.attn_drop(weights) @ v
+        out = spec.attn_drop(weights) @ v
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-        if CLS_ATTN in needs:
-            cls_scores = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                cls_scores = cls_scores + bias
-            features[CLS_ATTN] = cls_scores.float().softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
-    if KEYS in needs:
-        features[KEYS] = k[:, :, num_prefix:].mean(dim=1)
-
-    out = out.transpose(1, 2).reshape(b, n, attn.attn_dim if hasattr(attn, "attn_dim") else -1)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, features
+        p = spec.attn_drop.p if spec.training and isinstance(spec.attn_drop, nn.Dropout) else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    view = AttentionView(q=q, k=k, v=v, scale=spec.scale, bias=bias, num_prefix=num_prefix, weights=weights)
+    return out, {name: FEATURE_REGISTRY[name].compute(view) for name in sorted(needs)}

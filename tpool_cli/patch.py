@@ -1,30 +1,37 @@
 """The one mechanism that puts a token-reduction operator into a timm Vision Transformer.
 
 Every block of ``model.blocks`` is wrapped in a :class:`ReducingBlock`. A wrapped block runs
-timm's own attention (through :func:`attention_with_features`, which keeps LayerScale, q/k-norm,
-fused attention, the gate and scale-norm), then, if the schedule says so, hands the patch tokens
+its family's attention through the family's adapter (``tpool_cli/adapters``: q/k/v with their
+biases and q/k-norm, the attention branch, LayerScale) and the shared :func:`attend` (fused
+attention kept where the operator's features allow), then, if the schedule says so, hands the patch tokens
 to the operator between the attention and the MLP (as ToMe and EViT do), so the MLP already runs
 on fewer tokens. Prefix tokens (class, distillation, registers) are split off before the operator
 and put back in front unchanged.
 
 Until the first reduction, a wrapped block calls the original timm block untouched, so keep rate
 1.0 is bit-identical to the unpatched model. Per-forward state (token sizes, the 2D grid, the
-source map) lives in one :class:`ReductionState` shared by the blocks and reset by block 0.
+source map) lives in one :class:`ReductionState` shared by the blocks and reset by block 0. Every
+per-token side tensor follows the tokens through the same reduction, by the assignment every
+operator returns (sizes from the operator itself, the source map by :func:`follow_source`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .attention import attention_with_features
+from .adapters import BlockAdapter, adapter_for
+from .adapters.eva import gather_rope
+from .adapters.heads import install_sized_pool, remove_sized_pool
+from .attention import attend
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
-from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext
-from .ops.common import hash32
+from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction
+from .ops.common import follow_source, hash32, nearest_member, replay_mean, replay_take
+from .patch_config import PatchConfig
 from .recon import reconstruction_error
 from .schedule import Schedule
 
@@ -46,20 +53,64 @@ class ReductionState:
     counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # block -> (patch tokens in, out)
     history: list[torch.Tensor] = field(default_factory=list)  # source map after each reduction (track only)
     diagnostics: list[dict] = field(default_factory=list)  # per reduction: layer, tokens, errors (diagnose only)
+    # rope families only (an adapter with uses_rope): per-token position side tensors
+    uses_rope: bool = False
+    positions: Optional[torch.Tensor] = None  # B x N x 2 float32 (row, col) in patch units, None = the grid
+    rope_index: Optional[torch.Tensor] = None  # B x N long: original patch whose rope rows a token uses
 
     def begin(self, x: torch.Tensor) -> None:
         """Reset at the start of a forward pass (called by block 0)."""
         self.n0 = int(x.shape[1]) - self.num_prefix
         self.sizes = None
         self.source = None
+        self.positions = None
+        self.rope_index = None
         self.grid = self.initial_grid if self.initial_grid and self.initial_grid[0] * self.initial_grid[1] == self.n0 else None
         self.counts = {}
         self.history = []
         self.diagnostics = []
 
+    def follow(self, out: Reduction, sizes: torch.Tensor) -> None:
+        """Replay one reduction on the side tensors: the source map (under ``track``), rope positions.
+
+        ``sizes`` are the input tokens' sizes (the weights of a mean position).
+        """
+        if self.track:
+            self.source = follow_source(self.source, out.assignment)
+            self.history.append(self.source)
+        if self.uses_rope:
+            positions = self.positions if self.positions is not None else initial_positions(self, sizes)
+            index = self.rope_index if self.rope_index is not None else torch.arange(sizes.shape[1], device=sizes.device).expand_as(sizes)
+            k = out.tokens.shape[1]
+            self.positions, self.rope_index = follow_positions(positions, index, sizes, out, k)
+
     def block_seed(self, index: int) -> int:
         """The seed random operators use at block ``index``: a plain int, so compiled graphs bake it in."""
         return hash32(self.seed ^ hash32(index + 0x9E3779B9))
+
+
+def initial_positions(state: ReductionState, sizes: torch.Tensor) -> torch.Tensor:
+    """(row, col) of every patch token of the unreduced grid (a 1 x N row when the grid is unknown), B x N x 2."""
+    b, n = sizes.shape
+    i = torch.arange(n, device=sizes.device)
+    cols = state.initial_grid[1] if state.initial_grid else n
+    return torch.stack([torch.div(i, cols, rounding_mode="floor"), i % cols], dim=-1).float().expand(b, n, 2)
+
+
+def follow_positions(
+    positions: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, out: Reduction, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and rope indices after a reduction.
+
+    An operator that names a representative per output (pruning, K-Medoids, ``drop``) hands it
+    its representative's position and rope; otherwise a merged token's position is the
+    size-weighted mean of its members' positions, and its rope is that of the member nearest to
+    that mean (ties: the lowest index): rope is not evaluated at fractional coordinates.
+    """
+    if out.representative is not None:
+        return replay_take(positions, out.representative), index.gather(1, out.representative)
+    mean = replay_mean(positions, sizes, out.assignment, k)
+    return mean, index.gather(1, nearest_member(positions, out.assignment, mean))
 
 
 class Reducer(nn.Module):
@@ -81,16 +132,11 @@ class Reducer(nn.Module):
             sizes=sizes,
             grid=st.grid,
             seed=st.block_seed(self.index),
-            track=st.track,
-            **features,
+            features=features,
         )
-        out = self.operator.reduce(patches, k, ctx)
+        out = self.operator(patches, k, ctx)
         st.sizes, st.grid = out.sizes, out.grid
-        if st.track:
-            assert out.assignment is not None, f"{self.operator.name} did not return an assignment"
-            source = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
-            st.source = torch.where(source >= 0, out.assignment.gather(1, source.clamp_min(0)), source)
-            st.history.append(st.source)
+        st.follow(out, sizes)
         if st.diagnose:
             st.diagnostics.append(
                 {
@@ -105,14 +151,21 @@ class Reducer(nn.Module):
 
 
 class ReducingBlock(nn.Module):
-    """A timm block with an operator between its attention and its MLP."""
+    """A block of any supported family with an operator between its attention and its MLP.
 
-    def __init__(self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer) -> None:
+    Generic: what differs between families (q/k/v, the attention branch, the residuals) comes from
+    ``adapter`` (chosen by the block's exact class, ``tpool_cli/adapters``).
+    """
+
+    def __init__(
+        self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer, adapter: Optional[BlockAdapter] = None
+    ) -> None:
         super().__init__()
         self.block = block
         self.index = index
         self.target = target  # patch tokens wanted after this block, None = this block never reduces
         self.reducer = reducer
+        self.adapter = adapter if adapter is not None else adapter_for(block, index)
 
     @property
     def state(self) -> ReductionState:
@@ -124,47 +177,67 @@ class ReducingBlock(nn.Module):
             return n
         return self.reducer.operator.realise(n, self.target, self.state.grid)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, **kwargs: object
+    ) -> torch.Tensor:
         st = self.state
         if self.index == 0:
             st.begin(x)
         n = int(x.shape[1]) - st.num_prefix
         k = self.planned_tokens(n)
         st.counts[self.index] = (n, k)
-        if k == n and st.sizes is None:
-            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)  # nothing reduced yet: timm's own block
+        if k == n and st.sizes is None:  # nothing reduced yet: the family's own block
+            return self.adapter.run_original(self.block, x, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
         if attn_mask is not None or is_causal:
             raise TpoolError("token reduction cannot be combined with an attention mask or causal attention")
-        blk = self.block
-        bias = None
-        if st.prop_attn and st.sizes is not None:
-            ones = torch.zeros(x.shape[0], st.num_prefix, device=x.device)
-            bias = torch.cat([ones, st.sizes.log()], dim=1)[:, None, None, :]
-        needs = self.reducer.operator.needs() if k < n else frozenset()
-        if k < n and st.diagnose:
-            needs = needs | {SIGNIFICANCE}
-        attn_out, features = attention_with_features(blk.attn, blk.norm1(x), bias, needs, st.num_prefix)
-        x = x + blk.drop_path1(blk.ls1(attn_out))
+        blk, ad = self.block, self.adapter
+        h = ad.norm1(blk, x)
+        rope = kwargs.get("rope")
+        if rope is not None:
+            rope = gather_rope(rope, st.rope_index)
+        q, key, v = ad.qkv(blk, h, rope, st.num_prefix)
+        out, features = attend(q, key, v, ad.spec(blk), self._bias(x), self._needs(k < n), st.num_prefix)
+        x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
         if k < n:
             x = self.reducer(x, k, features)
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return ad.mlp_residual(blk, x)
+
+    def _bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Proportional attention's log(size) logit bias (B x 1 x 1 x N; 0 for prefix tokens), or None."""
+        st = self.state
+        if not st.prop_attn or st.sizes is None:
+            return None
+        ones = torch.zeros(x.shape[0], st.num_prefix, device=x.device)
+        return torch.cat([ones, st.sizes.log()], dim=1)[:, None, None, :]
+
+    def _needs(self, reduces: bool) -> frozenset[str]:
+        """Features to compute in this block: the operator's, plus significance for diagnostics; none if it keeps all."""
+        if not reduces:
+            return frozenset()
+        needs = self.reducer.operator.needs()
+        return needs | {SIGNIFICANCE} if self.state.diagnose else needs
+
+
+# model classes known not to fit the one mechanism, and why (matched by class name: no import of their modules)
+UNSUPPORTED_FAMILIES = {
+    "SwinTransformer": "Swin uses windowed attention over a fixed token grid",
+    "SwinTransformerV2": "Swin V2 uses windowed attention over a fixed token grid",
+    "SwinTransformerV2Cr": "Swin V2 uses windowed attention over a fixed token grid",
+    "Hiera": "Hiera uses windowed (mask-unit) attention and pools its token grid itself",
+    "NaFlexVit": "NaFlex ViTs run variable-resolution patch sequences with padding masks",
+}
 
 
 def check_supported(model: nn.Module) -> None:
-    """One clear error for models the patch cannot handle (not a timm ViT with pre-norm blocks)."""
+    """One clear error for models the patch cannot handle (no block list, or a block family without an adapter)."""
+    family = type(model).__name__
+    if family in UNSUPPORTED_FAMILIES:
+        raise TpoolError(f"{family} is not supported: {UNSUPPORTED_FAMILIES[family]}; tpool patches ViT/DeiT/Eva-style models")
     blocks = getattr(model, "blocks", None)
-    if blocks is None or not isinstance(blocks, nn.Sequential) or not hasattr(model, "num_prefix_tokens"):
+    if blocks is None or not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not hasattr(model, "num_prefix_tokens"):
         raise TpoolError(f"{type(model).__name__} is not a timm VisionTransformer: tpool patches ViT/DeiT-style models")
     for i, blk in enumerate(blocks):
-        blk = blk.block if isinstance(blk, ReducingBlock) else blk
-        attn = getattr(blk, "attn", None)
-        missing = [a for a in ("norm1", "ls1", "norm2", "mlp", "ls2") if not hasattr(blk, a)]
-        missing += [a for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj") if not hasattr(attn, a)]
-        if missing:
-            raise TpoolError(
-                f"block {i} ({type(blk).__name__}) is not a timm pre-norm Block with standard Attention "
-                f"(missing {', '.join(missing)}); this model family is not supported"
-            )
+        adapter_for(blk.block if isinstance(blk, ReducingBlock) else blk, i)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -179,25 +252,36 @@ def patch(
     tokens: Optional[tuple[int, ...]] = None,
     *,
     schedule: Optional[Schedule] = None,
-    prop_attn: bool = False,
-    track: bool = False,
-    diagnose: bool = False,
-    seed: int = 0,
+    config: Optional[PatchConfig] = None,
+    prop_attn: Optional[bool] = None,
+    track: Optional[bool] = None,
+    diagnose: Optional[bool] = None,
+    seed: Optional[int] = None,
     **op_options: object,
 ) -> nn.Module:
     """Insert operator ``op`` into ``model`` in place (re-patching replaces an earlier patch).
 
-    Give the schedule as ``keep`` (+ ``layers``), ``tokens`` (+ ``layers``) or a ready
-    :class:`Schedule`. ``prop_attn`` adds log(size) to attention logits after the first
-    reduction (ToMe's proportional attention); ``track`` keeps a source map of which original
-    patches each token stands for (``model.tpool_state.source``), off by default because it costs
-    a gather per reduction. ``diagnose`` records the reconstruction error of every reduction in
-    ``model.tpool_state.diagnostics`` (it computes the significance scores for the weighted error,
-    so it changes nothing the operator sees but costs an explicit attention). Returns the model.
+    Args:
+        op: an operator name (built with ``op_options``) or a ready :class:`TokenOperator`.
+        keep, layers, tokens, schedule: the schedule, as ``keep`` (+ ``layers``), ``tokens``
+            (+ ``layers``) or a ready :class:`Schedule`.
+        config: the patch-wide settings (:class:`PatchConfig`: proportional attention, seed,
+            track, diagnose); ``prop_attn=None`` there means the operator's ``default_prop_attn``.
+        prop_attn, track, diagnose, seed: loose overrides of ``config``'s fields, kept for old
+            callers. ``prop_attn`` adds log(size) to attention logits after the first reduction
+            (ToMe's proportional attention); ``track`` keeps a source map of which original
+            patches each token stands for (``model.tpool_state.source``; a gather per reduction);
+            ``diagnose`` records the reconstruction error of every reduction in
+            ``model.tpool_state.diagnostics`` (costs an explicit attention, changes no output).
+
+    Returns the model, with ``tpool_state``, ``tpool_schedule``, ``tpool_operator`` and
+    ``tpool_config`` (the resolved config) set.
     """
     check_supported(model)
     unpatch(model)
     operator = op if isinstance(op, TokenOperator) else make_operator(op, **op_options)
+    loose = dict(prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed)
+    config = replace(config or PatchConfig(), **{key: v for key, v in loose.items() if v is not None}).resolve(operator)
     if CLS_ATTN in operator.needs() and getattr(model, "cls_token", None) is None:
         raise TpoolError(f"{operator.name} ranks tokens by class-token attention, and {type(model).__name__} has no class token")
     if schedule is None:
@@ -207,14 +291,22 @@ def patch(
     num_patches = grid[0] * grid[1] if grid else model.patch_embed.num_patches
     targets = schedule.targets(depth, num_patches)
     state = ReductionState(
-        num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed
+        num_prefix=model.num_prefix_tokens,
+        initial_grid=grid,
+        prop_attn=bool(config.prop_attn),
+        track=config.track,
+        diagnose=config.diagnose,
+        seed=config.seed,
     )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer
         model.blocks[i] = ReducingBlock(model.blocks[i], i, targets.get(i), Reducer(operator, state, i))
+    state.uses_rope = any(blk.adapter.uses_rope for blk in model.blocks) and getattr(model, "rope", None) is not None
+    install_sized_pool(model, state, operator.merges)
     model.tpool_state = state
     model.tpool_schedule = schedule
     model.tpool_operator = operator
+    model.tpool_config = config
     return model
 
 
@@ -226,7 +318,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for i, blk in enumerate(blocks):
         if isinstance(blk, ReducingBlock):
             blocks[i] = blk.block
-    for attr in ("tpool_state", "tpool_schedule", "tpool_operator"):
+    remove_sized_pool(model)
+    for attr in ("tpool_state", "tpool_schedule", "tpool_operator", "tpool_config"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -2,29 +2,102 @@
 
 An operator sees the *patch* tokens of one block (prefix tokens are split off by the patch
 mechanism and never reach it), the target count K, and a :class:`ReduceContext` with whatever
-the block computed for it (significance scores, keys, the sizes of the tokens). It returns a
-:class:`Reduction`: K tokens, their sizes and, when asked, the assignment of every input token to
-an output token. Operators are frozen dataclasses whose fields are their options; their tensor
-work lives in pure functions next to them. No hidden state, no Python loop over images.
+the block computed for it (the features it asked for by name, the sizes of the tokens). It
+returns a :class:`Reduction`: K tokens, their sizes and, always, the assignment of every input
+token to an output token, so that any per-token side tensor (sizes, source map, rope positions)
+can follow the tokens through the same reduction (as ToMe's ``merge_source`` replays a matching).
+
+The template: callers call the operator, ``op(x, k, ctx)``; :meth:`TokenOperator.__call__` owns
+what every operator shares (the k >= n identity, the autocast policy, the check that an
+assignment came back) and calls the subclass's :meth:`TokenOperator.reduce` only with
+1 <= k < n. Operators are frozen dataclasses whose fields are their options; their tensor work
+lives in pure functions next to them. No hidden state, no Python loop over images.
+
+Block features are registered here by name (:func:`register_feature`): a pure function of the
+block's attention (:class:`AttentionView`) computed once by the block, only in blocks that reduce
+and only when the block's operator lists the name in ``needs()``. Adding a feature is one
+``register_feature`` call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar, Optional
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar, Optional
 
 import torch
 
+
+@dataclass(frozen=True)
+class AttentionView:
+    """What a block's attention exposes to feature functions (heads kept apart: B x H x N x D)."""
+
+    q: torch.Tensor  # after q-norm and rope, before the scale
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    bias: Optional[torch.Tensor]  # additive logit bias, B x 1 x 1 x N (proportional attention), or None
+    num_prefix: int
+    weights: Optional[torch.Tensor] = None  # softmax attention B x H x N x N, when the block formed it
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A named per-block quantity an operator can ask for."""
+
+    name: str
+    compute: Callable[[AttentionView], torch.Tensor]
+    needs_weights: bool = False  # True: the block must form the explicit N x N attention (no fused kernel)
+    doc: str = ""
+
+
+FEATURE_REGISTRY: dict[str, Feature] = {}
+
+
+def register_feature(
+    name: str, compute: Callable[[AttentionView], torch.Tensor], *, needs_weights: bool = False, doc: str = ""
+) -> str:
+    """Make feature ``name`` available to every operator (``needs()`` -> ``ctx.feature(name)``); returns the name."""
+    FEATURE_REGISTRY[name] = Feature(name, compute, needs_weights, doc)
+    return name
+
+
+def _cls_attn(view: AttentionView) -> torch.Tensor:
+    """Class-token row of the attention, mean over heads; without the full matrix, one 1 x N matmul per head."""
+    p = view.num_prefix
+    if view.weights is not None:
+        return view.weights[:, :, 0, p:].float().mean(dim=1)
+    scores = (view.q[:, :, :1] * view.scale) @ view.k.transpose(-2, -1)
+    if view.bias is not None:
+        scores = scores + view.bias
+    return scores.float().softmax(dim=-1)[:, :, 0, p:].mean(dim=1)
+
+
+def _significance(view: AttentionView) -> torch.Tensor:
+    assert view.weights is not None
+    return view.weights[..., view.num_prefix :].float().sum(dim=(1, 2))
+
+
+def _keys(view: AttentionView) -> torch.Tensor:
+    return view.k[:, :, view.num_prefix :].mean(dim=1)
+
+
 # Features a block can compute for an operator, only when the operator asks for them:
-CLS_ATTN = "cls_attn"  # B x N: attention the class token pays to each patch token, mean over heads
-SIGNIFICANCE = "significance"  # B x N: attention each patch token receives, summed over heads and queries
-KEYS = "keys"  # B x N x D: the block's keys, mean over heads (ToMe's similarity features)
-FEATURES = (CLS_ATTN, SIGNIFICANCE, KEYS)
+CLS_ATTN = register_feature("cls_attn", _cls_attn, doc="B x N: attention the class token pays to each patch token, mean over heads")
+SIGNIFICANCE = register_feature(
+    "significance", _significance, needs_weights=True, doc="B x N: attention each patch token receives, summed over heads and queries"
+)
+KEYS = register_feature("keys", _keys, doc="B x N x D: the block's keys, mean over heads (ToMe's similarity features)")
+FEATURES = tuple(FEATURE_REGISTRY)  # the built-in ones; FEATURE_REGISTRY holds every registered feature
 
 
 @dataclass
 class ReduceContext:
-    """What a block hands to an operator besides the tokens."""
+    """What a block hands to an operator besides the tokens.
+
+    Features come by name in ``features`` (read with :meth:`feature`); the built-in ones are also
+    fields (``ctx.keys``...), and either way of giving them fills both.
+    """
 
     sizes: torch.Tensor  # B x N float32: how many original patches each token stands for
     cls_attn: Optional[torch.Tensor] = None
@@ -34,7 +107,23 @@ class ReduceContext:
     # Seed for operators that draw random numbers, distinct per block (patch's --seed mixed with the
     # block index); draw with ops.common.hash_uniform, a pure function: no generator state to trace.
     seed: int = 0
-    track: bool = False  # compute Reduction.assignment (for source maps); off in evaluation
+    track: bool = False  # ignored (kept so old callers still build contexts): the assignment is always returned
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in FEATURES:
+            given = getattr(self, name)
+            if given is not None:
+                self.features.setdefault(name, given)
+            elif name in self.features:
+                setattr(self, name, self.features[name])
+
+    def feature(self, name: str) -> torch.Tensor:
+        """Feature ``name``; an operator that reads one it did not list in ``needs()`` fails here, by name."""
+        try:
+            return self.features[name]
+        except KeyError:
+            raise KeyError(f"feature {name!r} was not computed: list it in the operator's needs()") from None
 
 
 @dataclass
@@ -43,14 +132,25 @@ class Reduction:
 
     tokens: torch.Tensor  # B x K x C
     sizes: torch.Tensor  # B x K float32
-    # B x N long: output index each input token went into, -1 where it was dropped. Only when ctx.track.
+    # B x N long: output index each input token went into, -1 where it was dropped. Always returned.
     assignment: Optional[torch.Tensor] = None
     grid: Optional[tuple[int, int]] = None  # set when the output still forms a grid
+    # B x K long, optional: the input token each output token stands in for (ToMe's destination, a
+    # medoid, a kept token). Side tensors that follow a representative (rope positions) use it; None
+    # means an output is the size-weighted mean of its members.
+    representative: Optional[torch.Tensor] = None
+
+
+def identity_reduction(x: torch.Tensor, ctx: ReduceContext) -> Reduction:
+    """Nothing reduced: the tokens, their sizes, the identity assignment, the grid unchanged."""
+    b, n = x.shape[:2]
+    index = torch.arange(n, device=x.device).expand(b, n)
+    return Reduction(x, ctx.sizes, index, grid=ctx.grid, representative=index)
 
 
 @dataclass(frozen=True)
 class TokenOperator:
-    """Base class: subclasses set ``name``, ``summary`` and implement ``reduce``."""
+    """Base class: subclasses set ``name``, ``summary`` and implement ``reduce``; callers call the operator."""
 
     name: ClassVar[str] = "base"
     summary: ClassVar[str] = ""
@@ -60,9 +160,11 @@ class TokenOperator:
     draws_random: ClassVar[bool] = False
     # Proportional attention when the user leaves it open (PatchConfig.prop_attn None): the reference's setting.
     default_prop_attn: ClassVar[bool] = False
+    # False: reduce runs with autocast disabled (float32 distances; see ops/clustering.py).
+    autocast: ClassVar[bool] = True
 
     def needs(self) -> frozenset[str]:
-        """The block features (see FEATURES) this operator reads from the context."""
+        """The block features (names in FEATURE_REGISTRY) this operator reads from the context."""
         return frozenset()
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
@@ -73,7 +175,18 @@ class TokenOperator:
         """The 2D grid the k output tokens form, if they still form one (only grid pooling does)."""
         return None
 
+    def __call__(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
+        """Reduce the B x N x C patch tokens x to (at most) k; k >= n is the identity (shapes only: static)."""
+        if k >= x.shape[1]:
+            return identity_reduction(x, ctx)
+        policy = nullcontext() if self.autocast else torch.autocast(device_type=x.device.type, enabled=False)
+        with policy:
+            out = self.reduce(x, k, ctx)
+        assert out.assignment is not None, f"{self.name} did not return an assignment"
+        return out
+
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
+        """The operator's own work, called only with 1 <= k < n; must return the assignment."""
         raise NotImplementedError
 
     def options(self) -> dict[str, object]:

@@ -184,6 +184,7 @@ class _Clustering(TokenOperator):
     """Shared options and forward of the four Token Pooling operators (see the module docstring)."""
 
     merges = True
+    autocast = False  # float32 distances whatever the caller's autocast (see the module docstring)
     weighted: ClassVar[bool] = False
     medoids: ClassVar[bool] = False
 
@@ -204,14 +205,6 @@ class _Clustering(TokenOperator):
         return frozenset(needs)
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        b, n, _ = x.shape
-        if k >= n:  # static (shapes only): nothing to pool
-            index = torch.arange(n, device=x.device).expand(b, n)
-            return Reduction(x, ctx.sizes, index if ctx.track else None)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._pool(x, k, ctx)
-
-    def _pool(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         source = ctx.keys if self.features == "keys" else x
         assert source is not None, f"{self.name} needs the block's keys"
         # Distances do not change under translation: centring removes the component all tokens share
@@ -223,10 +216,12 @@ class _Clustering(TokenOperator):
         w = clustering_weights(ctx.sizes, ctx.significance if self.weighted else None)
         seeds = significance_init(ctx.significance, k) if self.init == "significance" else farthest_init(f, w, k)  # type: ignore[arg-type]
 
+        representative = None
         if self.medoids:
             a, medoids = kmedoids(f, w, seeds, self.iters)
             tokens = gather_tokens(x, medoids)
             sizes = summed_sizes(ctx.sizes, a, k)
+            representative = medoids
         else:
             a, centers, wsum = kmeans(f, w, seeds, self.iters)
             if self.features == "tokens":
@@ -235,7 +230,7 @@ class _Clustering(TokenOperator):
             else:
                 pooled, sizes = pool_by_assignment(x, ctx.sizes, a, k, weights=w if self.weighted else None)
                 tokens = torch.where((wsum > 0).unsqueeze(-1), pooled, gather_tokens(x, seeds))
-        return Reduction(tokens, sizes, a if ctx.track else None)
+        return Reduction(tokens, sizes, a, representative=representative)
 
 
 @dataclass(frozen=True)

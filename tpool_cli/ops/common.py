@@ -24,19 +24,27 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def keep_by_score(
-    x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, k: int, track: bool
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    x: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, k: int, track: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the k highest-scoring tokens, in their original order (so a grid stays ordered).
 
-    Returns (tokens B x K x C, sizes B x K, assignment B x N or None). Dropped tokens get -1.
+    Returns (tokens B x K x C, sizes B x K, assignment B x N). Dropped tokens get -1. ``track`` is
+    ignored (the assignment is always returned; the argument stays for old callers).
     """
-    index = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-    assignment = None
-    if track:
-        assignment = torch.full(scores.shape, -1, dtype=torch.long, device=x.device)
-        rank = torch.arange(k, device=x.device).expand(x.shape[0], k)
-        assignment.scatter_(1, index, rank)
-    return gather_tokens(x, index), torch.gather(sizes, 1, index), assignment
+    index = kept_index(scores, k)
+    return gather_tokens(x, index), torch.gather(sizes, 1, index), kept_assignment(index, scores.shape[1])
+
+
+def kept_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B x K, ascending) of the k highest scores."""
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def kept_assignment(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Assignment (B x N) of a pruning that keeps ``index`` (B x K) in that order: rank or -1."""
+    b, k = index.shape
+    rank = torch.arange(k, device=index.device).expand(b, k)
+    return torch.full((b, n), -1, dtype=torch.long, device=index.device).scatter_(1, index, rank)
 
 
 def pool_by_assignment(
@@ -59,6 +67,53 @@ def pool_by_assignment(
     wsum = new_sizes if weights is None else torch.zeros_like(new_sizes).scatter_add_(1, assignment, w)
     tokens = out / wsum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return tokens.to(x.dtype), new_sizes
+
+
+def follow_source(source: Optional[torch.Tensor], assignment: torch.Tensor) -> torch.Tensor:
+    """Source map after a reduction: for each original patch (B x N0), its token now (-1 = dropped).
+
+    ``source`` None means the identity (no reduction yet). ToMe's ``merge_source``, as an index.
+    """
+    if source is None:
+        return assignment.contiguous()
+    return torch.where(source >= 0, assignment.gather(1, source.clamp_min(0)), source)
+
+
+def replay_mean(values: torch.Tensor, weights: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:
+    """A per-token side tensor (B x N x D) through a reduction: the ``weights``-weighted mean of each
+    output's members (dropped tokens, -1, are ignored). For a pruning it is the kept token's value."""
+    b, n, d = values.shape
+    bucket = torch.where(assignment >= 0, assignment, k)  # dropped tokens land in a spare bucket k
+    wsum = torch.zeros(b, k + 1, device=values.device, dtype=torch.float32).scatter_add_(1, bucket, weights.float())
+    # normalise per member first: a group of one gets weight exactly 1, so a kept value comes back unchanged
+    w = weights.float() / wsum.gather(1, bucket).clamp_min(torch.finfo(torch.float32).tiny)
+    total = torch.zeros(b * (k + 1), d, device=values.device, dtype=torch.float32)
+    total.index_add_(0, flat_rows(bucket, k + 1), (values.float() * w.unsqueeze(-1)).reshape(b * n, d))
+    return total.view(b, k + 1, d)[:, :k].to(values.dtype)
+
+
+def replay_take(values: torch.Tensor, representative: torch.Tensor) -> torch.Tensor:
+    """A per-token side tensor (B x N x D) through a reduction: each output takes its representative's value."""
+    return gather_tokens(values, representative)
+
+
+def nearest_member(values: torch.Tensor, assignment: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """For each of the K groups, the input index (B x K) of the member nearest to the group's center.
+
+    values: B x N x D, assignment: B x N (-1 = dropped, never chosen), centers: B x K x D. Ties go
+    to the lowest index; an empty group gets index 0.
+    """
+    b, n, _ = values.shape
+    k = centers.shape[1]
+    bucket = torch.where(assignment >= 0, assignment, k)
+    padded = torch.cat([centers.float(), torch.zeros_like(centers[:, :1]).float()], dim=1)
+    diff = values.float() - gather_tokens(padded, bucket)
+    cost = torch.where(assignment >= 0, torch.linalg.vecdot(diff, diff), float("inf"))
+    best = torch.full((b, k + 1), float("inf"), device=values.device).scatter_reduce(1, bucket, cost, reduce="amin")
+    index = torch.arange(n, device=values.device).expand(b, n)
+    candidate = torch.where(cost <= best.gather(1, bucket), index, n)
+    chosen = torch.full((b, k + 1), n, device=values.device, dtype=torch.long).scatter_reduce(1, bucket, candidate, reduce="amin")
+    return torch.where(chosen[:, :k] < n, chosen[:, :k], 0)
 
 
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,6 @@ class EViT(TokenOperator):
         return frozenset({CLS_ATTN})
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        b, n, _ = x.shape
-        if k >= n:  # static (shapes only): nothing to fuse
-            return Reduction(x, ctx.sizes, torch.arange(n, device=x.device).expand(b, n) if ctx.track else None)
         assert ctx.cls_attn is not None, "evit needs the class-token attention"
         tokens, sizes, assignment = keep_and_fuse(x, ctx.sizes, ctx.cls_attn, k)
-        return Reduction(tokens, sizes, assignment if ctx.track else None)
+        return Reduction(tokens, sizes, assignment)

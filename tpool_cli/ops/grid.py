@@ -68,4 +68,4 @@ class GridPool(TokenOperator):
         out_rows, out_cols = grid_shape_for(ctx.grid[0], ctx.grid[1], k)
         cells = grid_cells(ctx.grid[0], ctx.grid[1], out_rows, out_cols, x.device).expand(x.shape[0], -1)
         tokens, sizes = pool_by_assignment(x, ctx.sizes, cells, out_rows * out_cols)
-        return Reduction(tokens, sizes, cells if ctx.track else None, grid=(out_rows, out_cols))
+        return Reduction(tokens, sizes, cells, grid=(out_rows, out_cols))

@@ -28,8 +28,6 @@ class DropTokens(TokenOperator):
     summary = "speed reference, not a method: keep the first K patch tokens (free reduction; bench's 'ideal')"
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        assignment = None
-        if ctx.track:
-            position = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            assignment = torch.where(position < k, position, torch.full_like(position, -1))
-        return Reduction(x[:, :k], ctx.sizes[:, :k], assignment)
+        position = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        assignment = torch.where(position < k, position, torch.full_like(position, -1))
+        return Reduction(x[:, :k], ctx.sizes[:, :k], assignment, representative=position[:, :k])

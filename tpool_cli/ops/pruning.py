@@ -7,8 +7,16 @@ from typing import Literal, Optional
 
 import torch
 
-from .base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction, TokenOperator
-from .common import hash_uniform, keep_by_score
+from .base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction, TokenOperator, identity_reduction
+from .common import gather_tokens, hash_uniform, kept_assignment, kept_index
+
+
+def prune(x: torch.Tensor, k: int, ctx: ReduceContext, scores: torch.Tensor) -> Reduction:
+    """Keep the k highest-scoring tokens in their original order; each is its own representative."""
+    index = kept_index(scores, k)
+    return Reduction(
+        gather_tokens(x, index), torch.gather(ctx.sizes, 1, index), kept_assignment(index, x.shape[1]), representative=index
+    )
 
 
 @dataclass(frozen=True)
@@ -21,8 +29,8 @@ class NoReduction(TokenOperator):
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
         return n
 
-    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:  # never called
-        return Reduction(x, ctx.sizes)
+    def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:  # never called (realise says n)
+        return identity_reduction(x, ctx)
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,7 @@ class TopK(TokenOperator):
         return frozenset({CLS_ATTN if self.score == "cls" else SIGNIFICANCE})
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        scores = ctx.cls_attn if self.score == "cls" else ctx.significance
-        assert scores is not None
-        tokens, sizes, assignment = keep_by_score(x, ctx.sizes, scores, k, ctx.track)
-        return Reduction(tokens, sizes, assignment)
+        return prune(x, k, ctx, ctx.feature(CLS_ATTN if self.score == "cls" else SIGNIFICANCE))
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,4 @@ class RandomSelect(TokenOperator):
     draws_random = True
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        scores = hash_uniform(ctx.seed, x.shape[0], x.shape[1], x.device)
-        tokens, sizes, assignment = keep_by_score(x, ctx.sizes, scores, k, ctx.track)
-        return Reduction(tokens, sizes, assignment)
+        return prune(x, k, ctx, hash_uniform(ctx.seed, x.shape[0], x.shape[1], x.device))

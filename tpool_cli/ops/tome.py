@@ -72,11 +72,9 @@ class ToMe(TokenOperator):
         return n - min(n - k, max_merges(n))
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        b, n, _ = x.shape
+        n = x.shape[1]
         r = n - self.realise(n, k, None)
-        if r == 0:  # static (shapes only): ToMe with r = 0 is the identity
-            return Reduction(x, ctx.sizes, torch.arange(n, device=x.device).expand(b, n) if ctx.track else None)
         assert ctx.keys is not None, "tome needs the block's keys"
         assignment = bipartite_assignment(ctx.keys, r)
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, n - r)
-        return Reduction(tokens, sizes, assignment if ctx.track else None)
+        return Reduction(tokens, sizes, assignment)
