@@ -25,6 +25,7 @@ from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext
 from .ops.common import hash32
+from .patch_config import PatchConfig
 from .recon import reconstruction_error
 from .schedule import Schedule
 
@@ -82,6 +83,7 @@ class Reducer(nn.Module):
             grid=st.grid,
             seed=st.block_seed(self.index),
             track=st.track,
+            num_prefix=p,
             **features,
         )
         out = self.operator.reduce(patches, k, ctx)
@@ -107,12 +109,17 @@ class Reducer(nn.Module):
 class ReducingBlock(nn.Module):
     """A timm block with an operator between its attention and its MLP."""
 
-    def __init__(self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer) -> None:
+    def __init__(
+        self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer,
+        remove: Optional[int] = None, keep: Optional[float] = None,
+    ) -> None:
         super().__init__()
         self.block = block
         self.index = index
         self.target = target  # patch tokens wanted after this block, None = this block never reduces
         self.reducer = reducer
+        self.remove = remove  # r schedules: tokens to remove from this block's input (target = n - r)
+        self.keep = keep  # keep schedules: the rate, for operators that count from it (TokenOperator.keep_target)
 
     @property
     def state(self) -> ReductionState:
@@ -120,9 +127,14 @@ class ReducingBlock(nn.Module):
 
     def planned_tokens(self, n: int) -> int:
         """Patch tokens this block outputs for n input patch tokens (static: shapes only)."""
-        if self.target is None or self.target >= n:
+        target = self.target
+        if self.remove is not None:
+            target = n - self.remove
+        elif self.keep is not None and target is not None:
+            target = self.reducer.operator.keep_target(n, self.keep, target)
+        if target is None or target >= n:
             return n
-        return self.reducer.operator.realise(n, self.target, self.state.grid)
+        return self.reducer.operator.realise(n, target, self.state.grid)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         st = self.state
@@ -178,8 +190,9 @@ def patch(
     layers: Optional[tuple[int, ...]] = None,
     tokens: Optional[tuple[int, ...]] = None,
     *,
+    r: Optional[int | tuple[int, ...]] = None,
     schedule: Optional[Schedule] = None,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     track: bool = False,
     diagnose: bool = False,
     seed: int = 0,
@@ -187,9 +200,10 @@ def patch(
 ) -> nn.Module:
     """Insert operator ``op`` into ``model`` in place (re-patching replaces an earlier patch).
 
-    Give the schedule as ``keep`` (+ ``layers``), ``tokens`` (+ ``layers``) or a ready
-    :class:`Schedule`. ``prop_attn`` adds log(size) to attention logits after the first
-    reduction (ToMe's proportional attention); ``track`` keeps a source map of which original
+    Give the schedule as ``keep`` (+ ``layers``), ``tokens`` (+ ``layers``), ``r`` (tokens removed
+    in every block, or one value per block: ToMe's r) or a ready :class:`Schedule`. ``prop_attn``
+    adds log(size) to attention logits after the first reduction (ToMe's proportional attention);
+    None = the operator's default (``PatchConfig.resolve``: on for tome). ``track`` keeps a source map of which original
     patches each token stands for (``model.tpool_state.source``), off by default because it costs
     a gather per reduction. ``diagnose`` records the reconstruction error of every reduction in
     ``model.tpool_state.diagnostics`` (it computes the significance scores for the weighted error,
@@ -201,17 +215,21 @@ def patch(
     if CLS_ATTN in operator.needs() and getattr(model, "cls_token", None) is None:
         raise TpoolError(f"{operator.name} ranks tokens by class-token attention, and {type(model).__name__} has no class token")
     if schedule is None:
-        schedule = Schedule(keep=keep, tokens=tokens, layers=layers)
+        schedule = Schedule(keep=keep, tokens=tokens, layers=layers, r=r)
+    prop_attn = PatchConfig(prop_attn=prop_attn).resolve(operator).prop_attn
     depth = len(model.blocks)
     grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "grid_size") else None
     num_patches = grid[0] * grid[1] if grid else model.patch_embed.num_patches
-    targets = schedule.targets(depth, num_patches)
+    targets, removals = schedule.targets(depth, num_patches), schedule.removals(depth)
+    rate = schedule.keep if schedule.keep is not None and not schedule.is_identity else None
     state = ReductionState(
         num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed
     )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer
-        model.blocks[i] = ReducingBlock(model.blocks[i], i, targets.get(i), Reducer(operator, state, i))
+        model.blocks[i] = ReducingBlock(
+            model.blocks[i], i, targets.get(i), Reducer(operator, state, i), remove=removals.get(i), keep=rate
+        )
     model.tpool_state = state
     model.tpool_schedule = schedule
     model.tpool_operator = operator
@@ -249,3 +267,16 @@ def planned_counts(model: nn.Module, num_patches: Optional[int] = None) -> list[
     finally:
         state.grid = saved
     return counts
+
+
+def capped_blocks(model: nn.Module, num_patches: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """(block, tokens the schedule asked to remove, tokens the operator removes) where its cap bites.
+
+    For ``r`` schedules: an r above what the operator can remove in a block (ToMe: half the
+    tokens) is realised capped, as ToMe does, and reported here rather than refused.
+    """
+    out = []
+    for blk, (n, k) in zip(model.blocks, planned_counts(model, num_patches)):
+        if blk.remove is not None and n - k < blk.remove:
+            out.append((blk.index, blk.remove, n - k))
+    return out
