@@ -36,7 +36,7 @@ class ReductionState:
 
     num_prefix: int
     initial_grid: Optional[tuple[int, int]]
-    prop_attn: bool = False
+    prop_attn: Optional[bool] = None
     track: bool = False  # keep a source map (which original patch each token stands for)
     diagnose: bool = False  # record the reconstruction error of every reduction (see recon.py)
     seed: int = 0
