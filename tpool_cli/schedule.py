@@ -8,7 +8,7 @@ Three ways to say it, as in the literature:
   /16 model). This is the convention of the public token-reduction benchmark, so our counts line
   up with published tables. Prefix tokens (class, distillation, registers) come on top.
 * ``tokens``: explicit patch-token budgets, either one per reduction layer (same length as
-  ``layers``) or one per block (length = depth; ToMe's per-block ``r`` schedules translate to this).
+  ``layers``) or one per block (length = depth).
 * ``r``: remove r patch tokens in every block (ToMe's ``model.r``), or r_i in block i (one value
   per block). Relative to each block's actual input, so an operator's cap in one block (ToMe
   merges at most half) does not make a later block remove more.
