@@ -37,9 +37,11 @@ def test_token_counts_follow_the_schedule(family, op, images):
     assert [counts[i] for i in range(4)] == planned_counts(model)
     if op == "grid":  # realised as a 5x6 then a 4x4 grid: the largest grids within the budgets 32 and 16
         assert counts[1] == (64, 30) and counts[2] == (30, 16)
+    elif op == "evit":  # EViT's own arithmetic: ceil(0.5 * n) kept + the fused token
+        assert counts[1] == (64, 33) and counts[2] == (33, 18)
     else:
         assert counts[1] == (64, 32) and counts[2] == (32, 16)
-    assert counts[0] == (64, 64) and counts[3] == (16, 16)
+    assert counts[0] == (64, 64) and counts[3] == (counts[2][1],) * 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -55,7 +57,7 @@ def test_prefix_tokens_pass_through_untouched(family, op, images):
     (x_in, x_out), = seen
     p = model.num_prefix_tokens
     assert torch.equal(x_in[:, :p], x_out[:, :p])
-    assert x_out.shape[1] == p + 32 - (2 if op == "grid" else 0)
+    assert x_out.shape[1] == p + {"grid": 30, "evit": 33}.get(op, 32)
 
 
 @pytest.mark.parametrize("op", REDUCING)

@@ -124,7 +124,7 @@ class Variant:
     # how to rebuild it (None: the unpatched model)
     operator: Optional[TokenOperator] = field(default=None, repr=False)
     schedule: Optional[Schedule] = field(default=None, repr=False)
-    prop_attn: bool = False
+    prop_attn: Optional[bool] = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -370,7 +370,7 @@ def bench(
     settings: BenchSettings = BenchSettings(),
     device: str | torch.device = "auto",
     *,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
     errors: Literal["raise", "record"] = "raise",
     count_gmacs: bool = True,

@@ -9,7 +9,7 @@ import typer
 
 from .errors import TpoolError
 from .ops import get_operator_class, operator_names
-from .schedule import parse_float_list, parse_int_list
+from .schedule import parse_float_list, parse_int_list, parse_r
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (ViT/DeiT family).")]
 # Commands that run on data: no --model and no --data = the built-in demo (model + digits test images).
@@ -24,7 +24,14 @@ KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Keep rate(s) in 
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="0-indexed blocks that reduce (default 3,6,9).")]
 TokensOpt = Annotated[Optional[str], typer.Option("--tokens", help="Patch-token budget per reduction layer, or per block.")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the model's).")]
-PropAttnOpt = Annotated[bool, typer.Option("--prop-attn", help="Add log(token size) to attention logits (ToMe).")]
+PropAttnOpt = Annotated[
+    Optional[bool],
+    typer.Option("--prop-attn/--no-prop-attn", help="Add log(token size) to attention logits (ToMe's proportional attention); default: the operator's reference setting (on for tome, off for the others).", show_default=False),
+]
+ROpt = Annotated[
+    Optional[str],
+    typer.Option("--r", help="Tokens removed in every block (ToMe's r): R, or one per block R1,R2,...; ';' separates schedules (see docs/cli.md)."),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random operator.")]
 # Operator options: each operator takes the ones it has (see docs/operators.md) and ignores the rest.
 ScoreOpt = Annotated[Optional[str], typer.Option("--score", help="topk score: cls (class attention) or received (PoWER-BERT).")]
@@ -69,11 +76,19 @@ def split_names(text: str) -> list[str]:
     return names
 
 
-def parse_schedule_args(keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: float = 0.7):
-    """(keeps, layers, tokens) from the CLI strings; keep defaults to ``default_keep`` without --tokens."""
-    if keep is not None and tokens is not None:
-        raise TpoolError("give --keep or --tokens, not both")
+def parse_schedule_args(
+    keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: float = 0.7,
+    r: Optional[str] = None, sweep: bool = True,
+):
+    """(keeps, layers, tokens, rs) from the CLI strings; keep defaults to ``default_keep`` without
+    --tokens or --r. ``sweep``: the command runs several schedules, so '--r 4,8' is two points
+    (see :func:`tpool_cli.schedule.parse_r`)."""
+    given = [name for name, value in (("--keep", keep), ("--tokens", tokens), ("--r", r)) if value is not None]
+    if len(given) > 1:
+        raise TpoolError(f"give one of --keep, --tokens or --r, not both {given[0]} and {given[1]}")
+    if r is not None and layers is not None:
+        raise TpoolError("--layers goes with --keep or --tokens; --r gives one value, or one per block")
     keeps = parse_float_list(keep, "--keep") if keep is not None else None
-    if keeps is None and tokens is None:
+    if keeps is None and tokens is None and r is None:
         keeps = (default_keep,)
-    return keeps, parse_int_list(layers, "--layers"), parse_int_list(tokens, "--tokens")
+    return keeps, parse_int_list(layers, "--layers"), parse_int_list(tokens, "--tokens"), parse_r(r, sweep)

@@ -11,7 +11,7 @@ comparison; later rows compare operators on the tokens their own earlier reducti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ def reconstruction_rows(
     images: torch.Tensor,
     configs: Sequence[tuple[TokenOperator, Schedule]],
     batch_size: int = 16,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (operator, schedule, reducing layer): tokens in/out and the mean errors.
@@ -87,7 +87,7 @@ def reconstruction_on_folder(
     configs: Sequence[tuple[TokenOperator, Schedule]],
     limit: int = 16,
     batch_size: int = 16,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """:func:`reconstruction_rows` on the first ``limit`` images of an image folder (any depth, sorted)."""

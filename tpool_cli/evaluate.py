@@ -106,7 +106,7 @@ def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict
     depth = len(getattr(model, "blocks", []))
     reduces = operator is not None and operator.name != "none" and schedule is not None and not schedule.is_identity
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return {
+    config = {
         "model": name,
         "weights": loaded.weights if loaded else "unknown (nn.Module given)",
         "weights_sha256": loaded.weights_sha256 if loaded else None,
@@ -122,6 +122,9 @@ def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict
         "img_size": int(size[0]) if size is not None else None,
         "num_classes": int(getattr(model, "num_classes", 0)),
     }
+    if reduces and schedule.r is not None:  # only then: other rows stay as they were
+        config["r"] = list(schedule.r)  # tokens removed per block ([R]: R in every block)
+    return config
 
 
 def _folder_batches(

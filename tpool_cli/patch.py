@@ -42,7 +42,7 @@ class ReductionState:
 
     num_prefix: int
     initial_grid: Optional[tuple[int, int]]
-    prop_attn: bool = False
+    prop_attn: Optional[bool] = None
     track: bool = False  # keep a source map (which original patch each token stands for)
     diagnose: bool = False  # record the reconstruction error of every reduction (see recon.py)
     seed: int = 0
@@ -133,6 +133,7 @@ class Reducer(nn.Module):
             grid=st.grid,
             seed=st.block_seed(self.index),
             features=features,
+            num_prefix=p,
         )
         out = self.operator(patches, k, ctx)
         st.sizes, st.grid = out.sizes, out.grid
@@ -158,7 +159,8 @@ class ReducingBlock(nn.Module):
     """
 
     def __init__(
-        self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer, adapter: Optional[BlockAdapter] = None
+        self, block: nn.Module, index: int, target: Optional[int], reducer: Reducer, adapter: Optional[BlockAdapter] = None,
+        remove: Optional[int] = None, keep: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.block = block
@@ -166,6 +168,8 @@ class ReducingBlock(nn.Module):
         self.target = target  # patch tokens wanted after this block, None = this block never reduces
         self.reducer = reducer
         self.adapter = adapter if adapter is not None else adapter_for(block, index)
+        self.remove = remove  # r schedules: tokens to remove from this block's input (target = n - r)
+        self.keep = keep  # keep schedules: the rate, for operators that count from it (TokenOperator.keep_target)
 
     @property
     def state(self) -> ReductionState:
@@ -173,9 +177,14 @@ class ReducingBlock(nn.Module):
 
     def planned_tokens(self, n: int) -> int:
         """Patch tokens this block outputs for n input patch tokens (static: shapes only)."""
-        if self.target is None or self.target >= n:
+        target = self.target
+        if self.remove is not None:
+            target = n - self.remove
+        elif self.keep is not None and target is not None:
+            target = self.reducer.operator.keep_target(n, self.keep, target)
+        if target is None or target >= n:
             return n
-        return self.reducer.operator.realise(n, self.target, self.state.grid)
+        return self.reducer.operator.realise(n, target, self.state.grid)
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, **kwargs: object
@@ -251,6 +260,7 @@ def patch(
     layers: Optional[tuple[int, ...]] = None,
     tokens: Optional[tuple[int, ...]] = None,
     *,
+    r: Optional[int | tuple[int, ...]] = None,
     schedule: Optional[Schedule] = None,
     config: Optional[PatchConfig] = None,
     prop_attn: Optional[bool] = None,
@@ -263,8 +273,9 @@ def patch(
 
     Args:
         op: an operator name (built with ``op_options``) or a ready :class:`TokenOperator`.
-        keep, layers, tokens, schedule: the schedule, as ``keep`` (+ ``layers``), ``tokens``
-            (+ ``layers``) or a ready :class:`Schedule`.
+        keep, layers, tokens, r, schedule: the schedule, as ``keep`` (+ ``layers``), ``tokens``
+            (+ ``layers``), ``r`` (tokens removed in every block, or one value per block: ToMe's r)
+            or a ready :class:`Schedule`.
         config: the patch-wide settings (:class:`PatchConfig`: proportional attention, seed,
             track, diagnose); ``prop_attn=None`` there means the operator's ``default_prop_attn``.
         prop_attn, track, diagnose, seed: loose overrides of ``config``'s fields, kept for old
@@ -285,11 +296,12 @@ def patch(
     if CLS_ATTN in operator.needs() and getattr(model, "cls_token", None) is None:
         raise TpoolError(f"{operator.name} ranks tokens by class-token attention, and {type(model).__name__} has no class token")
     if schedule is None:
-        schedule = Schedule(keep=keep, tokens=tokens, layers=layers)
+        schedule = Schedule(keep=keep, tokens=tokens, layers=layers, r=r)
     depth = len(model.blocks)
     grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "grid_size") else None
     num_patches = grid[0] * grid[1] if grid else model.patch_embed.num_patches
-    targets = schedule.targets(depth, num_patches)
+    targets, removals = schedule.targets(depth, num_patches), schedule.removals(depth)
+    rate = schedule.keep if schedule.keep is not None and not schedule.is_identity else None
     state = ReductionState(
         num_prefix=model.num_prefix_tokens,
         initial_grid=grid,
@@ -300,7 +312,9 @@ def patch(
     )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer
-        model.blocks[i] = ReducingBlock(model.blocks[i], i, targets.get(i), Reducer(operator, state, i))
+        model.blocks[i] = ReducingBlock(
+            model.blocks[i], i, targets.get(i), Reducer(operator, state, i), remove=removals.get(i), keep=rate
+        )
     state.uses_rope = any(blk.adapter.uses_rope for blk in model.blocks) and getattr(model, "rope", None) is not None
     install_sized_pool(model, state, operator.merges)
     model.tpool_state = state
@@ -342,3 +356,16 @@ def planned_counts(model: nn.Module, num_patches: Optional[int] = None) -> list[
     finally:
         state.grid = saved
     return counts
+
+
+def capped_blocks(model: nn.Module, num_patches: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """(block, tokens the schedule asked to remove, tokens the operator removes) where its cap bites.
+
+    For ``r`` schedules: an r above what the operator can remove in a block (ToMe: half the
+    tokens) is realised capped, as ToMe does, and reported here rather than refused.
+    """
+    out = []
+    for blk, (n, k) in zip(model.blocks, planned_counts(model, num_patches)):
+        if blk.remove is not None and n - k < blk.remove:
+            out.append((blk.index, blk.remove, n - k))
+    return out

@@ -36,6 +36,7 @@ class ProfileResult:
             "keep": s.keep if s else 1.0,
             "layers": list(s.reduction_layers(depth)) if s else [],
             "tokens": list(s.tokens) if s and s.tokens else None,
+            **({"r": list(s.r)} if s and s.r else {}),
             "schedule": s.describe(depth) if s else "baseline",
             "img_size": img_size,
             "gmacs": round(self.report.total, 6),
@@ -55,7 +56,7 @@ def profile_configs(
     model: nn.Module,
     configs: Sequence[tuple[TokenOperator, Schedule]],
     img_size: Optional[int] = None,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
 ) -> list[ProfileResult]:
     """Baseline first, then one result per (operator, schedule). Leaves the model unpatched."""
     unpatch(model)
@@ -75,11 +76,14 @@ def build_configs(
     keeps: Optional[Sequence[float]],
     layers: Optional[tuple[int, ...]],
     tokens: Optional[tuple[int, ...]],
+    rs: Optional[Sequence[tuple[int, ...]]] = None,
     **op_options: Any,
 ) -> list[tuple[TokenOperator, Schedule]]:
-    """The cross product of operators and keep rates (or the one token budget), validated."""
+    """The cross product of operators and keep rates (or r schedules, or the one token budget), validated."""
     operators = [make_operator(name, **op_options) for name in ops]
-    if tokens is not None:
+    if rs is not None:
+        schedules = [Schedule(r=r) for r in rs]
+    elif tokens is not None:
         schedules = [Schedule(tokens=tokens, layers=layers)]
     else:
         schedules = [Schedule(keep=keep, layers=layers) for keep in (keeps or (1.0,))]

@@ -40,7 +40,7 @@ PLAN_FILE = "plan.json"  # the point keys of the latest sweep, in order: what `t
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 # What a result depends on; two points with equal values here are the same measurement.
 KEY_FIELDS = (
-    "model", "weights_id", "data_fingerprint", "op", "op_options", "keep", "tokens", "layers", "img_size",
+    "model", "weights_id", "data_fingerprint", "op", "op_options", "keep", "tokens", "r", "layers", "img_size",
     "dtype", "device", "prop_attn", "seed",
     # throughput depends on these too: a point timed otherwise is not reused next to fresh ones
     "device_name", "batch_size", "compile", "torch", "timm", "tpool",
@@ -73,7 +73,7 @@ class Point:
             return "baseline"
         return f"{self.operator.label()} {self.schedule.describe(depth)}"
 
-    def apply(self, model: torch.nn.Module, prop_attn: bool = False, seed: int = 0) -> None:
+    def apply(self, model: torch.nn.Module, prop_attn: Optional[bool] = None, seed: int = 0) -> None:
         """Patch ``model`` for this point (or restore the plain model for the baseline)."""
         if self.operator is None:
             unpatch(model)
@@ -86,12 +86,13 @@ def plan_points(
     keeps: Optional[Sequence[float]] = DEFAULT_KEEPS,
     layers: Optional[tuple[int, ...]] = None,
     tokens: Optional[tuple[int, ...]] = None,
+    rs: Optional[Sequence[tuple[int, ...]]] = None,
     **op_options: Any,
 ) -> list[Point]:
     """The baseline first, then every operator x schedule. Keep rate 1.0 never reduces, so it is
     the baseline itself and not evaluated again; repeated points are dropped."""
     points = [Point()]
-    for operator, schedule in build_configs(ops, keeps, layers, tokens, **op_options):
+    for operator, schedule in build_configs(ops, keeps, layers, tokens, rs, **op_options):
         point = Point(operator, schedule)
         if not schedule.is_identity and point not in points:
             points.append(point)
@@ -103,6 +104,8 @@ def point_identity(row: dict[str, Any]) -> dict[str, Any]:
     weights_id = row.get("weights_sha256") or row.get("weights")
     ident = {k: row.get(k) for k in KEY_FIELDS if k != "weights_id"}
     ident["weights_id"] = weights_id
+    if ident["r"] is None:
+        del ident["r"]  # keep/tokens points: the same key as before r schedules existed
     return ident
 
 
@@ -248,7 +251,7 @@ def run_sweep(
     workers: Optional[int] = None,
     resume: bool = True,
     compile: bool = False,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
     cache: str = "auto",
     bench: Optional["BenchSettings"] = None,

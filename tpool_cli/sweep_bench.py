@@ -122,7 +122,7 @@ def bench_points(
     device: torch.device,
     out: Path,
     *,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
     start: Optional[Callable[[int], Callable[[int], None]]] = None,

@@ -95,7 +95,7 @@ def trace_reductions(
     tokens: Optional[tuple[int, ...]] = None,
     *,
     schedule: Optional[Schedule] = None,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
     **op_options: object,
 ) -> list[Trace]:
@@ -365,7 +365,7 @@ def visualize(
     caption: str = "",
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
-    prop_attn: bool = False,
+    prop_attn: Optional[bool] = None,
     seed: int = 0,
     dpi: int = 100,
     compact: bool = False,

@@ -9,7 +9,7 @@ import typer
 from ..cli import app
 from ..cli_options import (
     AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
-    OpsOpt, OutputOpt, PropAttnOpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
+    OpsOpt, OutputOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
 
@@ -28,6 +28,7 @@ def bench(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
+    r: ROpt = None,
     img_size: ImgSizeOpt = None,
     batch_size: BenchBatchOpt = None,
     device: DeviceOpt = "auto",
@@ -37,7 +38,7 @@ def bench(
     warmup: WarmupOpt = None,
     steps: StepsOpt = None,
     repeats: RepeatsOpt = 3,
-    prop_attn: PropAttnOpt = False,
+    prop_attn: PropAttnOpt = None,
     seed: SeedOpt = 0,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
@@ -70,9 +71,9 @@ def bench(
         steps=steps if steps is not None else default_steps,
         repeats=repeats,
     )
-    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
     options = op_options(score=score, iters=iters, init=init, features=features)
-    configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
+    configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         from ..ops import make_operator
         from ..schedule import Schedule

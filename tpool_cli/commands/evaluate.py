@@ -10,7 +10,7 @@ import torch
 from ..cli import app
 from ..cli_options import (
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
-    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -30,8 +30,9 @@ def evaluate(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
+    r: ROpt = None,
     img_size: ImgSizeOpt = None,
-    prop_attn: PropAttnOpt = False,
+    prop_attn: PropAttnOpt = None,
     seed: SeedOpt = 0,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
@@ -53,7 +54,7 @@ def evaluate(
     from ..device import resolve_amp, resolve_device
     from ..flops import count_flops
     from ..models import load_model
-    from ..patch import patch
+    from ..patch import capped_blocks, patch
     from ..profile import build_configs
     from ..progress import image_progress
 
@@ -63,10 +64,12 @@ def evaluate(
     names = split_names(op) or ["none"]
     if len(names) > 1:
         raise TpoolError(f"evaluate runs one operator, got {len(names)} ({op}); `tpool pareto --ops` sweeps several")
-    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=False)
     if keeps is not None and len(keeps) > 1:
         raise TpoolError(f"evaluate runs one keep rate, got {keep}; `tpool pareto --keep` sweeps several")
-    configs = build_configs(names, keeps, layer_list, token_list, **op_options(score=score, iters=iters, init=init, features=features))
+    if rs is not None and len(rs) > 1:
+        raise TpoolError(f"evaluate runs one schedule, got {len(rs)} --r schedules; `tpool pareto --r` sweeps several")
+    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(score=score, iters=iters, init=init, features=features))
     work = resolve_workload(model, data, class_map, "evaluate")
     model = work.model
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
@@ -80,6 +83,8 @@ def evaluate(
     if configs:
         operator, schedule = configs[0]
         patch(loaded.model, operator, schedule=schedule, prop_attn=prop_attn, seed=seed)
+        for block, asked, done in capped_blocks(loaded.model):
+            stderr.print(f"[dim]block {block}: --r asks {asked}, {operator.name} removes {done} (its cap)[/dim]", highlight=False)
     if random_init:
         stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
 

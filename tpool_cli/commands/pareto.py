@@ -15,8 +15,8 @@ from ..cli import app
 from ..cli_options import (
     FailBelowOpt,
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
-    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
-    TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
+    ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
+    TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, stderr
@@ -40,8 +40,9 @@ def pareto(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
+    r: ROpt = None,
     img_size: ImgSizeOpt = None,
-    prop_attn: PropAttnOpt = False,
+    prop_attn: PropAttnOpt = None,
     seed: SeedOpt = 0,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
@@ -71,7 +72,7 @@ def pareto(
     from ..models import load_model
     from ..progress import RichSweepProgress
     from ..report import parse_gate
-    from ..schedule import parse_float_list, parse_int_list
+    from ..schedule import parse_float_list
     from ..sweep import DEFAULT_KEEPS, plan_points, run_sweep
     from .evaluate import RANDOM_WEIGHTS_NOTE
     from .report import finish_report
@@ -94,16 +95,14 @@ def pareto(
                                           ("--bench-repeats", bench_repeats)) if value is not None]
         if given:
             raise TpoolError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --bench")
-    token_list = parse_int_list(tokens, "--tokens")
-    if token_list is not None and keep is not None:
-        raise TpoolError("give --keep or --tokens, not both")
+    _, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)  # checks they exclude each other
     names = split_names(ops)  # bad --ops fail before the demo is announced
     work = resolve_workload(model, data, class_map, "pareto")
     model = work.model
     default_keeps = DEMO_KEEPS if work.demo else DEFAULT_KEEPS
-    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list is not None else default_keeps)
+    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list or rs else default_keeps)
     points = plan_points(
-        names, keeps, parse_int_list(layers, "--layers"), token_list,
+        names, keeps, layer_list, token_list, rs,
         **op_options(score=score, iters=iters, init=init, features=features),
     )
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)

@@ -9,7 +9,7 @@ import typer
 from ..cli import app
 from ..cli_options import (
     FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
-    PropAttnOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
+    PropAttnOpt, ROpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
 
@@ -22,8 +22,9 @@ def profile(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
+    r: ROpt = None,
     img_size: ImgSizeOpt = None,
-    prop_attn: PropAttnOpt = False,
+    prop_attn: PropAttnOpt = None,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
     init: InitOpt = None,
@@ -37,9 +38,9 @@ def profile(
     from ..profile import build_configs, profile_configs
 
     check_format(fmt)
-    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
     options = op_options(score=score, iters=iters, init=init, features=features)
-    configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
+    configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     # FLOPs do not depend on the weights: without --weights the model is built without any
     loaded = load_model(model, weights=weights, random_init=weights is None, img_size=img_size)
     results = profile_configs(loaded.model, configs, img_size=img_size, prop_attn=prop_attn)

@@ -9,7 +9,7 @@ import typer
 from ..cli import app
 from ..cli_options import (
     BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
-    OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
+    OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
     parse_schedule_args, split_names,
 )
 from ..device import resolve_device
@@ -25,7 +25,8 @@ def recon(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
-    prop_attn: PropAttnOpt = False,
+    r: ROpt = None,
+    prop_attn: PropAttnOpt = None,
     seed: SeedOpt = 0,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
@@ -45,9 +46,9 @@ def recon(
     from ..profile import build_configs
 
     check_format(fmt)
-    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens)
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
     options = op_options(score=score, iters=iters, init=init, features=features)
-    configs = build_configs(split_names(op), keeps, layer_list, token_list, **options)
+    configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         raise TpoolError("no reducing operator given (--op none reduces nothing)")
     work = resolve_workload(model, data, None, "recon")

@@ -10,7 +10,7 @@ import typer
 
 from ..cli import app
 from ..cli_options import (
-    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt,
+    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt,
     RandomInitOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -30,8 +30,9 @@ def visualize(
     keep: KeepOpt = None,
     layers: LayersOpt = None,
     tokens: TokensOpt = None,
+    r: ROpt = None,
     img_size: ImgSizeOpt = None,
-    prop_attn: PropAttnOpt = False,
+    prop_attn: PropAttnOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random operator and of --random-init weights.")] = 0,
     score: ScoreOpt = None,
     iters: ItersOpt = None,
@@ -65,10 +66,12 @@ def visualize(
     if not names:
         raise TpoolError("--ops is empty")
     operators = [make_operator(name, **op_options(score=score, iters=iters, init=init, features=features)) for name in names]
-    keeps, layer_list, token_list = parse_schedule_args(keep, layers, tokens, default_keep=0.5)
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=0.5, r=r, sweep=False)
     if keeps is not None and len(keeps) > 1:
         raise TpoolError(f"visualize draws one schedule: give one --keep rate, got {len(keeps)}")
-    schedule = Schedule(keep=keeps[0] if keeps else None, layers=layer_list, tokens=token_list)
+    if rs is not None and len(rs) > 1:
+        raise TpoolError(f"visualize draws one schedule: give one --r schedule, got {len(rs)}")
+    schedule = Schedule(keep=keeps[0] if keeps else None, layers=layer_list, tokens=token_list, r=rs[0] if rs else None)
     if colours not in COLOUR_MODES:
         raise TpoolError(f"--colors must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
     if not 10 <= dpi <= 600:

@@ -108,6 +108,7 @@ class ReduceContext:
     # block index); draw with ops.common.hash_uniform, a pure function: no generator state to trace.
     seed: int = 0
     track: bool = False  # ignored (kept so old callers still build contexts): the assignment is always returned
+    num_prefix: int = 0  # prefix tokens (class, distillation, registers) in front of x in the block: ToMe's split parity
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -170,6 +171,11 @@ class TokenOperator:
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
         """The token count this operator will actually output for a target of k out of n."""
         return max(1, min(k, n))
+
+    def keep_target(self, n: int, keep: float, target: int) -> int:
+        """Patch tokens to aim for at a ``--keep`` layer with n tokens in; ``target`` is tpool's
+        compounded floor(N0 * keep**stage). Operators whose reference counts otherwise override it (EViT)."""
+        return target
 
     def output_grid(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
         """The 2D grid the k output tokens form, if they still form one (only grid pooling does)."""

@@ -1,18 +1,25 @@
-"""ToMe (Bolya et al., "Token Merging: Your ViT but Faster"): bipartite soft matching.
+"""ToMe (Bolya et al., "Token Merging: Your ViT but Faster"): bipartite soft matching, as ToMe's code does it.
 
-Within a block, the patch tokens are split alternately into A (even positions) and B (odd
-positions). Each A token finds its most similar B token by cosine similarity of the block's keys
-(averaged over heads); the r A tokens with the most similar matches are merged into their B
-partner by size-weighted averaging (several A tokens may land on the same B token), the other A
-tokens and all B tokens are kept. Output: the kept A tokens (original order), then the B tokens
-(original order, merged ones included): N - r tokens, whose sizes sum to the input sizes.
+Follows facebookresearch/ToMe ``tome/merge.py`` ``bipartite_soft_matching`` and ``merge_wavg``
+(commit af95e4b) step for step, on the patch tokens the patch hands over:
 
-Since every merge removes one A token, r is at most |A| = ceil(N / 2): a budget below floor(N/2)
-in one block is not reachable (``realise`` says so, so planned counts are honest). ToMe's own
-per-layer ``r`` schedule is given as one budget per block with ``--tokens`` (e.g. r = 13 on a
-12-block model: 183,170,...,40). ToMe's paper also uses proportional attention (``--prop-attn``:
-log(size) added to the attention logits after merging); it is a patch option, not part of the
-operator. Prefix tokens never reach the operator (ToMe protects the class token the same way).
+* The split alternates over the *whole* sequence [prefix tokens, patches]: A = even positions,
+  B = odd positions, so with one prefix token (DeiT, ViT, CLIP) the A patches are those at odd
+  patch index, with two (distilled DeiT) those at even index. ``ctx.num_prefix`` gives the parity.
+* Prefix tokens are never merged: ToMe gives the class token's row (first A) and the
+  distillation token's column (first B) score -inf; here every prefix row of A and column of B
+  is -inf (registers too), and the scores are laid out exactly as ToMe's, prefix rows and columns
+  included, so its argsort sees the same values in the same places.
+* Each A token's best B partner is ``scores.max(-1)`` (cosine similarity of the keys, mean over
+  heads); the r A tokens with the highest best score (``argsort(descending=True)``, ToMe's call)
+  are merged into their partners, size-weighted (``merge_wavg``). At most floor(patch tokens / 2)
+  per block: ToMe's cap floor((tokens - protected) / 2) (``realise`` reports it).
+* Output order is ToMe's: the unmerged A tokens (sorted back into sequence order when there is a
+  prefix token, as ToMe sorts them with a class token; in score order without one), then every
+  B token in order. The next block's split parity depends on this order.
+
+Differences that are rounding only: unit keys as k / sqrt(k . k) (one fused op the FLOP count
+sees) against ToMe's k / ||k||, and the weighted sums' accumulation order.
 """
 
 from __future__ import annotations
@@ -21,38 +28,57 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .base import KEYS, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 
 
 def max_merges(n: int) -> int:
-    """The most tokens one bipartite matching can remove from n: |A| = ceil(n/2), 0 without a B token."""
-    return (n + 1) // 2 if n >= 2 else 0
+    """The most tokens one matching removes from n patch tokens: ToMe's floor((tokens - protected) / 2)."""
+    return n // 2
 
 
-def bipartite_assignment(keys: torch.Tensor, r: int) -> torch.Tensor:
-    """Output index (B x N long, into N - r outputs) of every token under ToMe's matching.
+def _split_scores(keys: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, int, int, int]:
+    """ToMe's A x B score matrix over the whole sequence (prefix rows/columns -inf).
 
-    keys: B x N x D similarity features. Ties between equal similarities are broken by the lower
-    index (stable sort; first maximum), so the result is deterministic.
+    Returns (scores B x |A| x |B| with the prefix included, parity of the first A patch, prefix
+    tokens in A, prefix tokens in B).
+    """
+    k = keys.float()
+    k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)  # (the clamp only acts on a zero key)
+    first = num_prefix % 2  # patch j sits at sequence position num_prefix + j; A = even positions
+    scores = k[:, first::2] @ k[:, 1 - first :: 2].transpose(1, 2)
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    if pa or pb:
+        scores = F.pad(scores, (pb, 0, pa, 0), value=float("-inf"))
+    return scores, first, pa, pb
+
+
+def bipartite_assignment(keys: torch.Tensor, r: int, num_prefix: int = 0) -> torch.Tensor:
+    """Output index (B x N long, into N - r outputs) of every patch token under ToMe's matching.
+
+    keys: B x N x D similarity features of the patch tokens; ``num_prefix`` tokens precede them in
+    the block's sequence; 1 <= r <= N // 2.
     """
     b, n, _ = keys.shape
-    k = keys.float()
-    k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
-    a_feat, b_feat = k[:, ::2], k[:, 1::2]
-    n_a, n_b = a_feat.shape[1], b_feat.shape[1]
-    scores = a_feat @ b_feat.transpose(1, 2)  # B x |A| x |B| cosine similarities
-    best, partner = scores.max(dim=-1)
-    order = best.argsort(dim=1, descending=True, stable=True)
-    merged = torch.zeros(b, n_a, device=keys.device).scatter_(1, order[:, :r], 1.0) > 0  # (a bool fill breaks jit tracing)
+    scores, first, pa, pb = _split_scores(keys, num_prefix)
+    n_a, n_b = (n + 1 - first) // 2, (n + first) // 2  # A and B patch tokens
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    src_idx = edge_idx[:, :r]  # merged A rows (prefix rows are -inf: never among the first r)
+    unm_idx = edge_idx[:, r:]
+    if num_prefix:
+        unm_idx = unm_idx.sort(dim=1).values  # as ToMe with a class token: sequence order, prefix first
+    unm_idx = unm_idx[:, pa:] - pa  # patch A tokens only (the -inf prefix rows sorted first), as patch A indices
+    dst_idx = node_idx.gather(1, src_idx) - pb  # partner B patch index of each merged A token
     kept_a = n_a - r
-    position = (~merged).long().cumsum(dim=1) - 1  # rank of each kept A token among the kept ones
-    a_out = torch.where(merged, kept_a + partner, position)
-    b_out = (kept_a + torch.arange(n_b, device=keys.device)).expand(b, n_b)
+    a_out = torch.empty(b, n_a, dtype=torch.long, device=keys.device)
+    a_out.scatter_(1, unm_idx, torch.arange(kept_a, device=keys.device).expand(b, kept_a))
+    a_out.scatter_(1, src_idx - pa, kept_a + dst_idx)
     assignment = torch.empty(b, n, dtype=torch.long, device=keys.device)
-    assignment[:, ::2] = a_out
-    assignment[:, 1::2] = b_out
+    assignment[:, first::2] = a_out
+    assignment[:, 1 - first :: 2] = (kept_a + torch.arange(n_b, device=keys.device)).expand(b, n_b)
     return assignment
 
 
@@ -63,6 +89,7 @@ class ToMe(TokenOperator):
     name = "tome"
     summary = "ToMe: merge the r most similar A-B pairs (bipartite matching of keys), size-weighted"
     merges = True
+    default_prop_attn = True  # ToMe's apply_patch(prop_attn=True)
 
     def needs(self) -> frozenset[str]:
         return frozenset({KEYS})
@@ -75,6 +102,6 @@ class ToMe(TokenOperator):
         n = x.shape[1]
         r = n - self.realise(n, k, None)
         assert ctx.keys is not None, "tome needs the block's keys"
-        assignment = bipartite_assignment(ctx.keys, r)
+        assignment = bipartite_assignment(ctx.keys, r, ctx.num_prefix)
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, n - r)
         return Reduction(tokens, sizes, assignment)
