@@ -30,15 +30,20 @@ import torch
 
 from ..errors import TpoolError
 from .base import KEYS, ReduceContext, Reduction, TokenOperator
-from .common import flat_rows, hash_uniform
+from .common import flat_rows, gather_tokens, hash_uniform, squared_distances
 
 NOISE = 1e-6  # the reference's tie-breaking noise amplitude
 
 
 def token_distances(features: torch.Tensor) -> torch.Tensor:
-    """B x N x C -> B x N x N float32 Euclidean distances over sqrt(C), as the reference."""
+    """B x N x C -> B x N x N float32 Euclidean distances over sqrt(C), as the reference.
+
+    The reference's ``torch.cdist`` computes them, for more than 25 tokens, as
+    sqrt(clamp(|x|^2 + |y|^2 - 2 x.y)) with one matmul; ``squared_distances`` is that formula
+    without cdist's concatenated operands (a third faster on CPU), equal up to rounding.
+    """
     f = features.float()
-    return torch.cdist(f, f) / (f.shape[-1] ** 0.5)
+    return squared_distances(f, f).sqrt() / (f.shape[-1] ** 0.5)
 
 
 def density_and_distance(dist: torch.Tensor, knn: int, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +69,10 @@ def density_and_distance(dist: torch.Tensor, knn: int, noise: Optional[torch.Ten
 
 def dpc_knn_assignment(dist: torch.Tensor, k: int, knn: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Cluster index in [0, k) of every token (B x N long): cluster c is the centre with the c-th largest score."""
-    b, n, _ = dist.shape
+    b = dist.shape[0]
     density, delta = density_and_distance(dist, knn, noise)
     centres = (density * delta).topk(k, dim=-1).indices  # B x k, largest score first
-    to_centres = dist.gather(1, centres.unsqueeze(-1).expand(b, k, n))  # B x k x N
+    to_centres = gather_tokens(dist, centres)  # B x k x N: the centres' rows
     assignment = to_centres.argmin(dim=1)
     return assignment.scatter(1, centres, torch.arange(k, device=dist.device).expand(b, k))
 
