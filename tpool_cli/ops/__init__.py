@@ -11,8 +11,10 @@ from dataclasses import fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ..errors import TpoolError
+from .atc import ATC
 from .base import FEATURES, ReduceContext, Reduction, TokenOperator
 from .clustering import KMeans, KMedoids, WeightedKMeans, WeightedKMedoids
+from .dpcknn import DPCKNN
 from .evit import EViT
 from .grid import GridPool
 from .ideal import DropTokens
@@ -36,6 +38,8 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
     return cls
 
 
+register(ATC)
+register(DPCKNN)
 register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 
