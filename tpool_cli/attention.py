@@ -7,7 +7,9 @@ attention, scale-norm, gate, proj) and adds, only when asked:
   of class-attention operators keep fused attention for the full output;
 * ``significance``: attention received per token, summed over heads and all queries, which needs
   the explicit N x N attention (only in the blocks that reduce);
-* ``keys``: keys averaged over heads.
+* ``keys``: keys averaged over heads;
+* ``received``: attention received by every token (prefix included), mean over heads and queries
+  (MCTF's informativeness criterion), also from the explicit attention.
 
 ``bias`` is an additive attention bias (log token sizes for proportional attention), B x 1 x 1 x N.
 """
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.base import CLS_ATTN, KEYS, SIGNIFICANCE
+from .ops.base import CLS_ATTN, KEYS, RECEIVED, SIGNIFICANCE
 
 
 def attention_with_features(
@@ -40,7 +42,8 @@ def attention_with_features(
         bias = bias.to(q.dtype)
     features: dict[str, torch.Tensor] = {}
 
-    if SIGNIFICANCE in needs or not attn.fused_attn:
+    explicit = SIGNIFICANCE in needs or RECEIVED in needs  # features that need the full N x N attention
+    if explicit or not attn.fused_attn:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             scores = scores + bias
@@ -49,6 +52,8 @@ def attention_with_features(
             features[SIGNIFICANCE] = weights[..., num_prefix:].float().sum(dim=(1, 2))
         if CLS_ATTN in needs:
             features[CLS_ATTN] = weights[:, :, 0, num_prefix:].float().mean(dim=1)
+        if RECEIVED in needs:  # MCTF's informativeness: every token, prefix included, mean over heads and queries
+            features[RECEIVED] = weights.float().mean(dim=(1, 2))
         out = attn.attn_drop(weights) @ v
     else:
         out = F.scaled_dot_product_attention(

@@ -39,6 +39,7 @@ class ReductionState:
     track: bool = False  # keep a source map (which original patch each token stands for)
     diagnose: bool = False  # record the reconstruction error of every reduction (see recon.py)
     seed: int = 0
+    depth: int = 0  # blocks in the model, for operators whose rule depends on the block (ReduceContext.depth)
     n0: int = 0
     sizes: Optional[torch.Tensor] = None  # B x N float32, None until the first reduction
     grid: Optional[tuple[int, int]] = None
@@ -82,6 +83,9 @@ class Reducer(nn.Module):
             grid=st.grid,
             seed=st.block_seed(self.index),
             track=st.track,
+            layer=self.index,
+            depth=st.depth,
+            num_prefix=p,
             **features,
         )
         out = self.operator.reduce(patches, k, ctx)
@@ -207,7 +211,7 @@ def patch(
     num_patches = grid[0] * grid[1] if grid else model.patch_embed.num_patches
     targets = schedule.targets(depth, num_patches)
     state = ReductionState(
-        num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed
+        num_prefix=model.num_prefix_tokens, initial_grid=grid, prop_attn=prop_attn, track=track, diagnose=diagnose, seed=seed, depth=depth
     )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer

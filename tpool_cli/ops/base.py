@@ -19,7 +19,9 @@ import torch
 CLS_ATTN = "cls_attn"  # B x N: attention the class token pays to each patch token, mean over heads
 SIGNIFICANCE = "significance"  # B x N: attention each patch token receives, summed over heads and queries
 KEYS = "keys"  # B x N x D: the block's keys, mean over heads (ToMe's similarity features)
-FEATURES = (CLS_ATTN, SIGNIFICANCE, KEYS)
+# (ops-merge: MCTF's informativeness) B x (P+N): attention each token, prefix included, receives, mean over heads and queries
+RECEIVED = "received"
+FEATURES = (CLS_ATTN, SIGNIFICANCE, KEYS, RECEIVED)
 
 
 @dataclass
@@ -35,6 +37,12 @@ class ReduceContext:
     # block index); draw with ops.common.hash_uniform, a pure function: no generator state to trace.
     seed: int = 0
     track: bool = False  # compute Reduction.assignment (for source maps); off in evaluation
+    # (ops-merge) where the block sits, for operators whose rule changes with depth (PiToMe's margin, ToFu's
+    # prune-then-merge split) or whose reference splits the whole sequence (ToFu, MCTF): plain ints, baked into graphs.
+    received: Optional[torch.Tensor] = None
+    layer: int = 0  # index of the reducing block
+    depth: int = 0  # blocks in the model (0 = unknown)
+    num_prefix: int = 0  # prefix tokens (class, distillation, registers) in front of the patch tokens
 
 
 @dataclass
