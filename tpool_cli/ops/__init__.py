@@ -16,7 +16,10 @@ from .clustering import KMeans, KMedoids, WeightedKMeans, WeightedKMedoids
 from .evit import EViT
 from .grid import GridPool
 from .ideal import DropTokens
+from .mctf import MCTF
+from .pitome import PiToMe
 from .pruning import NoReduction, RandomSelect, TopK
+from .tofu import ToFu
 from .tome import ToMe
 
 _OPERATORS: dict[str, type[TokenOperator]] = {
@@ -36,6 +39,9 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
     return cls
 
 
+register(PiToMe)  # ops-merge: PiToMe (hchautran/PiToMe)
+register(ToFu)  # ops-merge: Token Fusion (PiToMe's algo/tofu)
+register(MCTF)  # ops-merge: Multi-Criteria Token Fusion (mlvlab/MCTF)
 register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 
