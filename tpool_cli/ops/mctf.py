@@ -38,8 +38,10 @@ from .tofu import sequence_split
 
 
 def _criterion(values: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, tau: float) -> torch.Tensor:
-    """(v_a * v_b) ** (1 / tau) for every A-B pair: B x |A| x |B|."""
-    return (values[:, a_idx, None] * values[:, None, b_idx]) ** (1.0 / tau)
+    """(v_a * v_b) ** (1 / tau) for every A-B pair: B x |A| x |B|, as the outer product of v ** (1 / tau)
+    (N powers instead of N^2 / 4; equal to the reference's form up to float rounding)."""
+    powered = values ** (1.0 / tau)
+    return powered[:, a_idx, None] * powered[:, None, b_idx]
 
 
 def inverse_normalised(values: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
@@ -59,8 +61,9 @@ def edge_weights(
     tau_sim, tau_info, tau_size = taus
     m = metric.float()
     m = m / torch.linalg.vecdot(m, m).sqrt().clamp_min(1e-12).unsqueeze(-1)
+    start = num_prefix % 2  # strided views, not index copies of B x N x C (see sequence_split)
     if tau_sim:
-        scores = ((m[:, a_idx] @ m[:, b_idx].transpose(1, 2) + 1) / 2) ** (1.0 / tau_sim)
+        scores = ((m[:, start::2] @ m[:, 1 - start :: 2].transpose(1, 2) + 1) / 2) ** (1.0 / tau_sim)
     else:
         scores = torch.ones(b, a_idx.numel(), b_idx.numel(), device=metric.device)
     if tau_info > 0 and received is not None:
@@ -76,7 +79,6 @@ def fusion_assignment(scores: torch.Tensor, r: int, bidirectional: bool, sort_ke
     """B x N output index of MCTF's (bidirectional) fusion from the edge weights (see module docstring)."""
     bsz, n_a, n_b = scores.shape
     device = scores.device
-    a_idx, b_idx = sequence_split(n, num_prefix, device)
     r1, r2 = (r // 2, r - r // 2) if bidirectional else (r, 0)
     best, partner = scores.max(dim=-1)
     edge = best.argsort(dim=-1, descending=True, stable=True)
@@ -97,8 +99,9 @@ def fusion_assignment(scores: torch.Tensor, r: int, bidirectional: bool, sort_ke
     src = edge[:, :r1]
     a_out = a_out.scatter(1, src, b_out.gather(1, partner.gather(1, src)))  # fused A follow their B token
     assignment = torch.empty(bsz, n, dtype=torch.long, device=device)
-    assignment[:, a_idx] = a_out
-    assignment[:, b_idx] = b_out
+    start = num_prefix % 2
+    assignment[:, start::2] = a_out
+    assignment[:, 1 - start :: 2] = b_out
     return assignment
 
 

@@ -56,7 +56,8 @@ def matched_assignment(keys: torch.Tensor, r: int, num_prefix: int, prune: bool)
     n_a, n_b = a_idx.numel(), b_idx.numel()
     k = keys.float()
     k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
-    best, partner = (k[:, a_idx] @ k[:, b_idx].transpose(1, 2)).max(dim=-1)
+    start = num_prefix % 2  # strided views of the split, not index copies
+    best, partner = (k[:, start::2] @ k[:, 1 - start :: 2].transpose(1, 2)).max(dim=-1)
     edge = best.argsort(dim=1, descending=True, stable=True)
     unm, src = edge[:, r:], edge[:, :r]
     if num_prefix:
@@ -66,8 +67,8 @@ def matched_assignment(keys: torch.Tensor, r: int, num_prefix: int, prune: bool)
     src_out = torch.full_like(src, -1) if prune else partner.gather(1, src) + (n_a - r)
     a_out = a_out.scatter(1, src, src_out)
     assignment = torch.empty(bsz, n, dtype=torch.long, device=device)
-    assignment[:, a_idx] = a_out
-    assignment[:, b_idx] = (n_a - r) + slots[:, :n_b]
+    assignment[:, start::2] = a_out
+    assignment[:, 1 - start :: 2] = (n_a - r) + slots[:, :n_b]
     merged_a = torch.zeros(bsz, n_a, device=device).scatter_(1, src, 1.0)
     merged = torch.zeros(bsz, n, device=device).index_copy_(1, a_idx, merged_a) > 0  # (a bool fill breaks jit tracing)
     return assignment, merged
