@@ -75,7 +75,9 @@ def edge_weights(
     return scores
 
 
-def fusion_assignment(scores: torch.Tensor, r: int, bidirectional: bool, sort_kept: bool, n: int, num_prefix: int) -> torch.Tensor:
+def fusion_assignment(
+    scores: torch.Tensor, r: int, bidirectional: bool, sort_kept: bool, n: int, num_prefix: int
+) -> torch.Tensor:
     """B x N output index of MCTF's (bidirectional) fusion from the edge weights (see module docstring)."""
     bsz, n_a, n_b = scores.shape
     device = scores.device
