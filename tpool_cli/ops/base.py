@@ -37,9 +37,9 @@ class ReduceContext:
     # block index); draw with ops.common.hash_uniform, a pure function: no generator state to trace.
     seed: int = 0
     track: bool = False  # compute Reduction.assignment (for source maps); off in evaluation
+    received: Optional[torch.Tensor] = None  # (ops-merge) B x (P+N), see RECEIVED
     # (ops-merge) where the block sits, for operators whose rule changes with depth (PiToMe's margin, ToFu's
     # prune-then-merge split) or whose reference splits the whole sequence (ToFu, MCTF): plain ints, baked into graphs.
-    received: Optional[torch.Tensor] = None
     layer: int = 0  # index of the reducing block
     depth: int = 0  # blocks in the model (0 = unknown)
     num_prefix: int = 0  # prefix tokens (class, distillation, registers) in front of the patch tokens
