@@ -253,10 +253,11 @@ def test_every_operator_compiles_as_one_graph(op):
     g = torch.Generator().manual_seed(0)
     x, sizes = torch.randn(2, 64, 16, generator=g), torch.randint(1, 3, (2, 64), generator=g).float()
     features = dict(significance=torch.rand(2, 64, generator=g), cls_attn=torch.rand(2, 64, generator=g), keys=torch.randn(2, 64, 8, generator=g))
+    features["received"] = torch.rand(2, 64, generator=g)  # (ops-merge) MCTF reads the attention received (RECEIVED)
     operator = make_operator(op)
 
-    def reduce(x, sizes, significance, cls_attn, keys):
-        ctx = ReduceContext(sizes=sizes, grid=(8, 8), track=True, significance=significance, cls_attn=cls_attn, keys=keys)
+    def reduce(x, sizes, significance, cls_attn, keys, received):
+        ctx = ReduceContext(sizes=sizes, grid=(8, 8), track=True, significance=significance, cls_attn=cls_attn, keys=keys, received=received)
         out = operator(x, 20, ctx)
         return out.tokens, out.sizes, out.assignment
 

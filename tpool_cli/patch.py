@@ -46,6 +46,7 @@ class ReductionState:
     track: bool = False  # keep a source map (which original patch each token stands for)
     diagnose: bool = False  # record the reconstruction error of every reduction (see recon.py)
     seed: int = 0
+    depth: int = 0  # blocks in the model, for operators whose rule depends on the block (ReduceContext.depth)
     n0: int = 0
     sizes: Optional[torch.Tensor] = None  # B x N float32, None until the first reduction
     grid: Optional[tuple[int, int]] = None
@@ -133,6 +134,8 @@ class Reducer(nn.Module):
             grid=st.grid,
             seed=st.block_seed(self.index),
             features=features,
+            layer=self.index,
+            depth=st.depth,
             num_prefix=p,
         )
         out = self.operator(patches, k, ctx)
@@ -309,6 +312,7 @@ def patch(
         track=config.track,
         diagnose=config.diagnose,
         seed=config.seed,
+        depth=depth,
     )
     for i in range(depth):
         # one Reducer module per block so that FLOP counts attribute operator cost per layer

@@ -18,7 +18,10 @@ from .dpcknn import DPCKNN
 from .evit import EViT
 from .grid import GridPool
 from .ideal import DropTokens
+from .mctf import MCTF
+from .pitome import PiToMe
 from .pruning import NoReduction, RandomSelect, TopK
+from .tofu import ToFu
 from .tome import ToMe
 
 _OPERATORS: dict[str, type[TokenOperator]] = {
@@ -40,6 +43,9 @@ def register(cls: type[TokenOperator]) -> type[TokenOperator]:
 
 register(ATC)
 register(DPCKNN)
+register(PiToMe)  # ops-merge: PiToMe (hchautran/PiToMe)
+register(ToFu)  # ops-merge: Token Fusion (PiToMe's algo/tofu)
+register(MCTF)  # ops-merge: Multi-Criteria Token Fusion (mlvlab/MCTF)
 register(DropTokens)  # last: a speed reference for `tpool bench`, not a method (see ops/ideal.py)
 
 

@@ -78,6 +78,11 @@ def _significance(view: AttentionView) -> torch.Tensor:
     return view.weights[..., view.num_prefix :].float().sum(dim=(1, 2))
 
 
+def _received(view: AttentionView) -> torch.Tensor:
+    assert view.weights is not None
+    return view.weights.float().mean(dim=(1, 2))
+
+
 def _keys(view: AttentionView) -> torch.Tensor:
     return view.k[:, :, view.num_prefix :].mean(dim=1)
 
@@ -88,6 +93,10 @@ SIGNIFICANCE = register_feature(
     "significance", _significance, needs_weights=True, doc="B x N: attention each patch token receives, summed over heads and queries"
 )
 KEYS = register_feature("keys", _keys, doc="B x N x D: the block's keys, mean over heads (ToMe's similarity features)")
+RECEIVED = register_feature(
+    "received", _received, needs_weights=True,
+    doc="B x (P+N): attention each token, prefix included, receives, mean over heads and queries (MCTF's informativeness)",
+)
 FEATURES = tuple(FEATURE_REGISTRY)  # the built-in ones; FEATURE_REGISTRY holds every registered feature
 
 
@@ -109,6 +118,11 @@ class ReduceContext:
     seed: int = 0
     track: bool = False  # ignored (kept so old callers still build contexts): the assignment is always returned
     num_prefix: int = 0  # prefix tokens (class, distillation, registers) in front of x in the block: ToMe's split parity
+    received: Optional[torch.Tensor] = None  # B x (P+N), see RECEIVED
+    # where the block sits, for operators whose rule changes with depth (PiToMe's margin, ToFu's
+    # prune-then-merge split): plain ints, baked into graphs.
+    layer: int = 0  # index of the reducing block
+    depth: int = 0  # blocks in the model (0 = unknown)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
