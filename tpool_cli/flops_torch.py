@@ -133,8 +133,17 @@ def _inclusive(leaf_macs: dict[str, Counter]) -> dict[str, Counter]:
 def torch_scopes(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Counter], dict[str, int]]:
     """MACs per module scope and op from torch's dispatcher-level counter, and the uncounted ops."""
     counter = _ScopedFlopCounter()
-    with counter, _VecdotMode(counter):
-        model(x)
+    # ModuleTracker hooks the backward of module inputs that require grad; a parameter passed as a
+    # module input (the latent query of timm's attention pooling) has no grad_fn and breaks it.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with counter, _VecdotMode(counter):
+            model(x)
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
     root = type(model).__name__
     leaf_macs: dict[str, Counter] = defaultdict(Counter)
     for path, ops in counter.leaf_flops.items():
