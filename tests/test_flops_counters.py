@@ -88,3 +88,10 @@ def test_profile_torch_counter_gives_the_same_json(capsys):
     a, b = json.loads(fv.out)["results"], json.loads(tc.out)["results"]
     assert [r["counter"] for r in a + b] == ["fvcore"] * len(a) + ["torch"] * len(b)
     assert [r["per_layer"] for r in a] == [r["per_layer"] for r in b]
+
+
+def test_profile_unknown_counter_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--counter", "ptflops"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown --counter 'ptflops'" in err and len(err.strip().splitlines()) == 1
