@@ -287,6 +287,7 @@ def test_tome_and_evit_gmacs_match_their_formulas():
         assert layer.operator == pytest.approx(expected * 1e-9, rel=1e-9, abs=1e-15)
     patch(model, "evit", keep=0.7)
     for layer in count_flops(model).layers:
-        # the fused token: attention-weighted sum over N tokens (the class-attention row is in the attention column)
-        expected = layer.tokens_in * c if layer.tokens_out < layer.tokens_in else 0
+        # the fused token: attention-weighted sum over N tokens, and the class-attention row it ranks by
+        # ((N + 1) x C with the class token; computed only for the operator, so in its column: docs/flops.md)
+        expected = layer.tokens_in * c + (layer.tokens_in + 1) * c if layer.tokens_out < layer.tokens_in else 0
         assert layer.operator == pytest.approx(expected * 1e-9, rel=1e-9, abs=1e-15)
