@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from .flops import FlopReport, count_flops
-from .ops import TokenOperator, make_operator
+from .ops import TokenOperator, make_operators
 from .patch import patch, unpatch
 from .schedule import Schedule
 
@@ -78,7 +78,7 @@ def build_configs(
     **op_options: Any,
 ) -> list[tuple[TokenOperator, Schedule]]:
     """The cross product of operators and keep rates (or the one token budget), validated."""
-    operators = [make_operator(name, **op_options) for name in ops]
+    operators = make_operators(ops, op_options)  # each operator takes the options it has
     if tokens is not None:
         schedules = [Schedule(tokens=tokens, layers=layers)]
     else:
