@@ -70,3 +70,66 @@ def test_bad_input_in_a_real_process():
 def test_module_and_help():
     proc = tpool("--help")
     assert proc.returncode == 0 and "profile" in proc.stdout
+
+
+# --- Generic operator options (--op-opt) and the version (in-process: no model is built) ---
+
+def _main(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "--op", "topk", "--op-opt", "iters=3"], "no operator of topk has an option 'iters' (their options: score)"),
+        (["bench", "--op", "topk,grid", "--op-opt", "colour=red"], "option 'colour'"),
+        (["profile", "--op", "kmeans", "--op-opt", "iters=three"], "kmeans: iters must be int, got 'three'"),
+        (["profile", "--op", "kmeans", "--op-opt", "init=kmeans++"], "init must be one of significance, farthest"),
+        (["profile", "--op", "kmeans", "--op-opt", "iters"], "--op-opt takes KEY=VALUE"),
+        (["profile", "--op", "kmeans", "--iters", "3", "--op-opt", "iters=4"], "iters given twice"),
+        (["evaluate", "--op", "topk", "--op-opt", "iters=3"], "no operator of topk has an option 'iters'"),
+        (["recon", "--op", "topk", "--op-opt", "nope=1"], "option 'nope'"),
+        (["visualize", "x.png", "--model", "deit_tiny_patch16_224", "--op", "grid", "--op-opt", "nope=1"], "option 'nope'"),
+    ],
+)
+def test_op_opt_errors_are_one_line_before_any_model(argv, message, capsys):
+    code, out, err = _main(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_op_opt_and_aliases_take_the_same_path():
+    from tpool_cli.cli_options import op_options
+    from tpool_cli.ops import make_operators
+
+    by_flag = make_operators(["topk", "kmeans"], op_options(None, score="received", iters=3, init=None, features=None))
+    by_opt = make_operators(["topk", "kmeans"], op_options(["score=received", "iters=3"]))
+    assert by_flag == by_opt
+    assert [op.label() for op in by_opt] == ["topk(score=received)", "kmeans(iters=3)"]
+
+
+def test_every_dataclass_field_is_an_op_opt():
+    """A new option needs no CLI edit: every field of every operator parses from text."""
+    from dataclasses import fields
+
+    from tpool_cli.ops import get_operator_class, make_operator, operator_names
+
+    for name in operator_names():
+        for f in fields(get_operator_class(name)):
+            default = getattr(get_operator_class(name)(), f.name)
+            text = str(default).lower() if isinstance(default, bool) else str(default)
+            assert getattr(make_operator(name, **{f.name: text}), f.name) == default, (name, f.name)
+
+
+def test_version_and_ops_listing(capsys):
+    from tpool_cli.cli import version
+
+    code, out, _ = _main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"tpool {version()}"
+    code, out, _ = _main(["ops", "-f", "json"], capsys)
+    listed = {r["op"]: r["options"] for r in json.loads(out)["operators"]}
+    assert code == 0 and listed["kmeans"]["iters"] == {"type": "int", "default": 5}
+    assert listed["topk"]["score"]["type"] == "cls|received"

@@ -13,7 +13,8 @@ from imagefolders import foolbox_images, imagenet_folder, noise_images, photos_a
 from tpool_cli.data import (
     Decoder, decode_once, fingerprint, folder_loader, normalize, read_class_map, scan_folder,
 )
-from tpool_cli.demo import DEMO_MODEL, resolve_workload
+from tpool_cli.demo import DEMO_MODEL
+from tpool_cli.models import resolve_workload
 from tpool_cli.errors import TpoolError
 
 CFG = {

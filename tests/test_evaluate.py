@@ -200,3 +200,87 @@ def test_model_only_timing_leaves_out_warmup_and_partial_batches():
     assert _model_only([(8, 5.0), (3, 1.0)], 8) == (3.0, 3, 1.0)  # no full batch after the warm-up
     assert _model_only([(3, 0.5)], 8) == (6.0, 3, 0.5)  # one batch is all there is
     assert _model_only([], 8) == (None, 0, 0)
+
+
+# --- A model that ranks the true class second, sixth...: top-1 and top-5 differ by a known amount ---
+
+RANKING = [7, 3, 9, 1, 5, 0, 2, 4, 6, 8]  # the fixed order of the 10 classes, best first
+
+
+def _ranked_model() -> torch.nn.Module:
+    """A tiny 10-class ViT whose logits rank the classes as RANKING whatever the image (head zeroed,
+    one bias per rank), so an image of class RANKING[r] is a top-1 hit for r = 0, a top-5 hit for r <= 4."""
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([float(10 - RANKING.index(c)) for c in range(10)]))
+    return model
+
+
+def _class_folder(root, counts: dict[int, int]):
+    """An image folder with ``counts[c]`` noise images of class c (folders 0..9, a class map)."""
+    from imagefolders import noise_images
+
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+    for c, n in counts.items():
+        noise_images(root / str(c), n, size=32, seed=c)
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(10)))
+    return root
+
+
+def test_top1_and_top5_count_exactly_the_ranks(tmp_path):
+    """Ranks 1, 2, 5 and 6 on purpose: counting a top-5 hit as top-1 (or a top-6 hit as top-5) fails here."""
+    counts = {RANKING[0]: 2, RANKING[1]: 3, RANKING[4]: 1, RANKING[5]: 4}  # 10 images: 2 top-1, 6 top-5
+    folder = _class_folder(tmp_path / "val", counts)
+    model = _ranked_model()
+    patch(model, "topk", keep=0.5, layers=(1,))  # a reducing path: the ranking comes from the head alone
+    result = evaluate(model, folder, class_map=folder / "classes.txt", workers=0, batch_size=3, count=False)
+    assert (result.images, result.correct1, result.correct5) == (10, 2, 6)
+    assert (result.top1, result.top5) == (20.0, 60.0)
+
+
+def test_bf16_matches_fp32_within_tolerance(tmp_path):
+    """bf16 autocast (8 mantissa bits: ~0.4% per rounding) against fp32, on a patched model's logits.
+
+    Stated tolerance: every logit within 5% of the fp32 logits' spread (max - min) per image, and
+    the evaluated top-1 classes agree on at least 15 of 16 images."""
+    from conftest import tiny_vit
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=gen)
+    model = tiny_vit()
+    patch(model, "kmeans", keep=0.5, layers=(1,))
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    spread = (fp32.max(dim=1).values - fp32.min(dim=1).values)[:, None]
+    assert bool(((bf16 - fp32).abs() <= 0.05 * spread).all()), (bf16 - fp32).abs().max()
+    assert not torch.equal(bf16, fp32)  # the autocast really ran in bf16
+    agree = (bf16.argmax(1) == fp32.argmax(1)).sum().item()
+    assert agree >= 15
+
+
+def test_compiled_evaluation_of_random_gives_the_eager_predictions(tmp_path, monkeypatch):
+    """`evaluate(compile=True)` with the `random` operator: the same predictions as eager, image by image
+    (the partial last batch padded to one shape). aot_eager backend: dynamo's capture without codegen."""
+    import functools
+
+    folder = _class_folder(tmp_path / "val", {c: 1 for c in range(10)})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    results = []
+    for compiled in (False, True):
+        from conftest import tiny_vit
+
+        model = tiny_vit()
+        patch(model, "random", keep=0.5, layers=(1,), seed=3)
+        results.append(evaluate(model, folder, class_map=folder / "classes.txt", workers=0, batch_size=4,
+                                count=False, compile=compiled, keep_predictions=True))
+    torch._dynamo.reset()
+    eager, compiled_result = results
+    assert compiled_result.compile_seconds is not None and eager.compile_seconds is None
+    assert torch.equal(compiled_result.predictions, eager.predictions)
+    assert (compiled_result.correct1, compiled_result.correct5) == (eager.correct1, eager.correct5)

@@ -89,6 +89,7 @@ def hand_block(blk, x, p, sizes, prop_attn, operator, k_out, grid):
             cls_attn=weights[:, :, 0, p:].mean(dim=1),
             significance=weights[..., p:].sum(dim=(1, 2)),
             keys=k[:, :, p:].mean(dim=1),
+            num_prefix=p,
         )
         red = operator(x[:, p:], k_out, ctx)
         x = torch.cat([x[:, :p], red.tokens], dim=1)

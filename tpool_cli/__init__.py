@@ -1,7 +1,18 @@
 """tpool: token reduction in pretrained timm Vision Transformers.
 
-Importing the package registers the built-in demo model ``tpool_digits_vit`` with timm (see
-:mod:`tpool_cli.demo`), so every code path that takes a timm model name accepts it.
+Importing the package imports nothing else: neither the CLI (:mod:`tpool_cli.cli`) nor torch, so
+``import tpool_cli.ops`` or ``tpool --help`` pay only for what they use. The built-in demo model
+``tpool_digits_vit`` is registered with timm by :mod:`tpool_cli.demo`, which
+:mod:`tpool_cli.models` (where model names are resolved) imports.
 """
 
-from . import demo as _demo  # noqa: F401  (registers tpool_digits_vit with timm)
+
+def __getattr__(name: str):
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            return metadata.version("tpool")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+    raise AttributeError(f"module 'tpool_cli' has no attribute {name!r}")

@@ -380,130 +380,175 @@ def bench(
 ) -> BenchReport:
     """Time the baseline, then each (operator, schedule) with its ideal, on ``model`` (moved to ``device``).
 
-    ``model`` is patched in place for each variant and left unpatched (in eval mode, on the
-    device). ``errors="record"`` turns an operator that fails (in patching, tracing or running)
-    into a row with its error instead of stopping the run; mistakes in the request (a schedule
-    the model cannot take) are still raised before anything is timed. ``prop_attn`` applies to
-    the operators, not to the ideal (whose attention stays unbiased, the fastest kind); ``seed``
-    to the ``random`` operator. ``deadline`` (a ``time.monotonic()`` value) bounds scripts: no
-    variant starts after it, and the rows left get the error "skipped: time budget". ``on_update``
-    is called with the report after the baseline and after each row (scripts save partial results).
+    Steps: plan every configuration's token path (:meth:`_Bench.plan`, which validates them all
+    before anything is timed), prepare the baseline, then each operator with its ideal
+    (:meth:`_Bench.add_row`), then in eager mode the interleaved timed rounds (:meth:`_Bench.rounds`).
+
+    Args:
+        model: patched in place for each variant and left unpatched (in eval mode, on the device).
+        configs: the (operator, schedule) pairs to time.
+        settings: batch, precision, compilation and the number of calls.
+        device: 'auto', 'cuda', 'cpu' or a device.
+        prop_attn: applies to the operators, not to the ideal (whose attention stays unbiased, the
+            fastest kind).
+        seed: the seed of the ``random`` operator.
+        errors: "record" turns an operator that fails (in patching, tracing or running) into a
+            row with its error instead of stopping the run; mistakes in the request (a schedule
+            the model cannot take) are still raised before anything is timed.
+        count_gmacs: count fvcore GMACs of each variant.
+        progress: called with a line of text for each step.
+        deadline: a ``time.monotonic()`` value bounding scripts: no variant starts after it, and the
+            rows left get the error "skipped: time budget".
+        on_update: called with the report after the baseline, after each row and after each timed
+            round (scripts save partial results).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    amp = resolve_amp(settings.amp, dev)
-    say = progress or (lambda message: None)
     if dev.type == "cpu":
         steady_host_allocator()  # otherwise a variant's speed depends on what ran before it (see device.py)
-    interleave = not settings.compile
     unpatch(model)
     model.eval().to(dev)
-    depth = len(model.blocks)
+    run = _Bench(model, settings, dev, resolve_amp(settings.amp, dev), seed, errors, count_gmacs, progress or (lambda m: None))
+    plans = run.plan(configs, prop_attn)
     try:
-        x = synthetic_batch(model, settings.batch_size, settings.img_size, dev)
-    except RuntimeError as exc:  # out of memory, typically: the user's batch size, not a bug
-        raise TpoolError(f"cannot allocate a synthetic batch of {settings.batch_size} images: {str(exc).splitlines()[0][:200]}") from None
-    img_size = int(x.shape[-1])
-    full_path = _full_path(model)
-
-    # Plan first: validates every request and finds the token paths before any timing.
-    plans = []
-    for operator, schedule in configs:
-        patch(model, operator, schedule=schedule, prop_attn=prop_attn, seed=seed)
-        plans.append((operator, schedule, token_path(model)))
-        unpatch(model)
-
-    def apply(v: Variant) -> None:
-        if v.operator is not None:
-            patch(model, v.operator, schedule=v.schedule, prop_attn=v.prop_attn, seed=seed)
-
-    def fail(v: Variant, exc: Exception) -> None:
-        if errors == "raise":
-            raise exc
-        text = str(exc).strip()
-        v.error = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
-        v.timing = None
-        say(f"  {v.label} failed: {v.error}")
-
-    def prepare(v: Variant) -> None:
-        """GMACs, first call and warm-up; back-to-back timed runs too unless they are interleaved."""
-        try:
-            apply(v)
-            v.gmacs = _gmacs(model, img_size, say) if count_gmacs else None
-            say(f"{'compiling and timing' if settings.compile else 'warming up'} {v.label}")
-            if interleave:
-                v.timing = start_variant(model, x, settings, amp)[1]
-            else:
-                v.timing = time_forward(model, x, settings, amp)
-                say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s, first call {v.timing.first_call_s:.1f} s")
-        except Exception as exc:  # noqa: BLE001 - recorded (or re-raised) by fail()
-            fail(v, exc)
-        finally:
-            unpatch(model)
-
-    report: Optional[BenchReport] = None
-    try:
-        baseline = Variant("baseline", full_path, None, None)
-        prepare(baseline)
-        if baseline.error:
-            raise TpoolError(f"the unpatched model does not run: {baseline.error}")
-        report = BenchReport(settings, dev, device_name(dev), img_size, amp, baseline, {})
-        variants = [baseline]
-        if on_update is not None:
-            on_update(report)
+        report = run.start(on_update)
         for operator, schedule, path in plans:
-            key = tuple(path)
-            label = f"{operator.label()} {schedule.describe(depth)}"
-            result = Variant(label, path, None, None, operator=operator, schedule=schedule, prop_attn=prop_attn)
-            if deadline is not None and time.monotonic() > deadline:
-                say(f"  {label} skipped: time budget")
-                result.error = SKIPPED
-                ideal = report.ideals.get(key, Variant(f"ideal {describe_tokens(path)}", path, None, None, error=SKIPPED))
-            else:
-                if key not in report.ideals:
-                    if key == tuple(full_path):
-                        report.ideals[key] = baseline  # nothing reduced: the ideal is the baseline
-                    else:
-                        ideal_variant = Variant(f"ideal {describe_tokens(path)}", path, None, None,
-                                                operator=make_operator(IDEAL_OP), schedule=ideal_schedule(path))
-                        prepare(ideal_variant)
-                        report.ideals[key] = ideal_variant
-                        variants.append(ideal_variant)
-                ideal = report.ideals[key]
-                prepare(result)
-                variants.append(result)
-            report.rows.append(BenchRow(operator.label(), schedule, depth, baseline, ideal, result))
+            run.add_row(report, operator, schedule, path, prop_attn, deadline)
             if on_update is not None:
                 on_update(report)
-
-        if interleave:
-            # Eager: one timed run of every variant per round, so that drift in the machine's
-            # speed (clocks, other load) spreads over all variants instead of biasing the last ones.
-            for round_index in range(settings.repeats):
-                if round_index > 0 and deadline is not None and time.monotonic() > deadline:
-                    say(f"time budget: stopping after {round_index} timed round(s)")
-                    break
-                say(f"timed round {round_index + 1}/{settings.repeats}")
-                for v in variants:
-                    if v.timing is None:
-                        continue
-                    try:
-                        apply(v)  # eager: re-patching is a cheap swap of wrapper modules, no warm-up lost
-                        v.timing.runs_img_per_s.append(timed_run(model, x, settings.steps, amp))
-                    except Exception as exc:  # noqa: BLE001
-                        fail(v, exc)
-                    finally:
-                        unpatch(model)
-                if on_update is not None:
-                    on_update(report)
-            for v in variants:
-                if v.timing is not None:
-                    say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s")
+        if not settings.compile:
+            run.rounds(report, deadline, on_update)
     finally:
         unpatch(model)
         if settings.compile:
             torch._dynamo.reset()
-    assert report is not None
     return report
+
+
+class _Bench:
+    """One :func:`bench` call: the model, the synthetic batch, and how each variant is prepared and timed."""
+
+    def __init__(
+        self, model: nn.Module, settings: BenchSettings, dev: torch.device, amp: Optional[torch.dtype], seed: int,
+        errors: str, count_gmacs: bool, say: Callable[[str], None],
+    ) -> None:
+        self.model, self.settings, self.dev, self.amp, self.seed = model, settings, dev, amp, seed
+        self.errors, self.count_gmacs, self.say = errors, count_gmacs, say
+        self.depth = len(model.blocks)
+        self.interleave = not settings.compile  # eager: timed runs interleaved over the variants
+        try:
+            self.x = synthetic_batch(model, settings.batch_size, settings.img_size, dev)
+        except RuntimeError as exc:  # out of memory, typically: the user's batch size, not a bug
+            raise TpoolError(f"cannot allocate a synthetic batch of {settings.batch_size} images: {str(exc).splitlines()[0][:200]}") from None
+        self.img_size = int(self.x.shape[-1])
+        self.full_path = _full_path(model)
+        self.variants: list[Variant] = []  # every prepared variant, in the order the rounds time them
+
+    def plan(
+        self, configs: Sequence[tuple[TokenOperator, Schedule]], prop_attn: bool
+    ) -> list[tuple[TokenOperator, Schedule, list[int]]]:
+        """Validate every request and find its token path, before any timing."""
+        plans = []
+        for operator, schedule in configs:
+            patch(self.model, operator, schedule=schedule, prop_attn=prop_attn, seed=self.seed)
+            plans.append((operator, schedule, token_path(self.model)))
+            unpatch(self.model)
+        return plans
+
+    def apply(self, v: Variant) -> None:
+        if v.operator is not None:
+            patch(self.model, v.operator, schedule=v.schedule, prop_attn=v.prop_attn, seed=self.seed)
+
+    def fail(self, v: Variant, exc: Exception) -> None:
+        if self.errors == "raise":
+            raise exc
+        text = str(exc).strip()
+        v.error = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        v.timing = None
+        self.say(f"  {v.label} failed: {v.error}")
+
+    def prepare(self, v: Variant) -> None:
+        """GMACs, first call and warm-up; back-to-back timed runs too unless they are interleaved."""
+        try:
+            self.apply(v)
+            v.gmacs = _gmacs(self.model, self.img_size, self.say) if self.count_gmacs else None
+            self.say(f"{'compiling and timing' if self.settings.compile else 'warming up'} {v.label}")
+            if self.interleave:
+                v.timing = start_variant(self.model, self.x, self.settings, self.amp)[1]
+            else:
+                v.timing = time_forward(self.model, self.x, self.settings, self.amp)
+                self.say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s, first call {v.timing.first_call_s:.1f} s")
+        except Exception as exc:  # noqa: BLE001 - recorded (or re-raised) by fail()
+            self.fail(v, exc)
+        finally:
+            unpatch(self.model)
+        self.variants.append(v)
+
+    def start(self, on_update: Optional[Callable[[BenchReport], None]]) -> BenchReport:
+        """Prepare the baseline (it must run) and open the report."""
+        baseline = Variant("baseline", self.full_path, None, None)
+        self.prepare(baseline)
+        if baseline.error:
+            raise TpoolError(f"the unpatched model does not run: {baseline.error}")
+        report = BenchReport(self.settings, self.dev, device_name(self.dev), self.img_size, self.amp, baseline, {})
+        if on_update is not None:
+            on_update(report)
+        return report
+
+    def ideal(self, report: BenchReport, path: list[int]) -> Variant:
+        """The ideal of a token path, prepared once per distinct path (the baseline when nothing is reduced)."""
+        key = tuple(path)
+        if key not in report.ideals:
+            if key == tuple(self.full_path):
+                report.ideals[key] = report.baseline  # nothing reduced: the ideal is the baseline
+            else:
+                ideal = Variant(f"ideal {describe_tokens(path)}", path, None, None,
+                                operator=make_operator(IDEAL_OP), schedule=ideal_schedule(path))
+                self.prepare(ideal)
+                report.ideals[key] = ideal
+        return report.ideals[key]
+
+    def add_row(
+        self, report: BenchReport, operator: TokenOperator, schedule: Schedule, path: list[int], prop_attn: bool,
+        deadline: Optional[float],
+    ) -> None:
+        """Prepare one operator at one schedule (and its ideal), or mark it skipped past the deadline."""
+        label = f"{operator.label()} {schedule.describe(self.depth)}"
+        result = Variant(label, path, None, None, operator=operator, schedule=schedule, prop_attn=prop_attn)
+        if deadline is not None and time.monotonic() > deadline:
+            self.say(f"  {label} skipped: time budget")
+            result.error = SKIPPED
+            ideal = report.ideals.get(tuple(path), Variant(f"ideal {describe_tokens(path)}", path, None, None, error=SKIPPED))
+        else:
+            ideal = self.ideal(report, path)
+            self.prepare(result)
+        report.rows.append(BenchRow(operator.label(), schedule, self.depth, report.baseline, ideal, result))
+
+    def rounds(
+        self, report: BenchReport, deadline: Optional[float], on_update: Optional[Callable[[BenchReport], None]]
+    ) -> None:
+        """Eager: one timed run of every variant per round, so that drift in the machine's speed
+        (clocks, other load) spreads over all variants instead of biasing the last ones."""
+        settings = self.settings
+        for round_index in range(settings.repeats):
+            if round_index > 0 and deadline is not None and time.monotonic() > deadline:
+                self.say(f"time budget: stopping after {round_index} timed round(s)")
+                break
+            self.say(f"timed round {round_index + 1}/{settings.repeats}")
+            for v in self.variants:
+                if v.timing is None:
+                    continue
+                try:
+                    self.apply(v)  # eager: re-patching is a cheap swap of wrapper modules, no warm-up lost
+                    v.timing.runs_img_per_s.append(timed_run(self.model, self.x, settings.steps, self.amp))
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(v, exc)
+                finally:
+                    unpatch(self.model)
+            if on_update is not None:
+                on_update(report)
+        for v in self.variants:
+            if v.timing is not None:
+                self.say(f"  {v.label}: {v.timing.img_per_s:,.1f} img/s")
 
 
 def _full_path(model: nn.Module) -> list[int]:

@@ -1,7 +1,13 @@
-"""The `tpool` command line: parse options, call the library, print. No algorithm lives here."""
+"""The `tpool` command line: parse options, call the library, print. No algorithm lives here.
+
+The command modules (:mod:`tpool_cli.commands`) hold plain functions; this module registers them
+on :data:`app`, so neither imports the other both ways. Nothing heavy (torch, timm, fvcore,
+matplotlib) is imported before a command runs: ``tpool --help`` and ``tpool CMD --help`` stay fast.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from typing import Optional
@@ -9,6 +15,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .commands import bench, evaluate, models, ops, pareto, profile, recon, report, visualize
 from .errors import TpoolError
 from .output import stderr
 
@@ -19,10 +26,37 @@ app = typer.Typer(
     help="How much compute can a pretrained ViT shed by downsampling its tokens, and what does it cost in accuracy?",
 )
 
+
+def version() -> str:
+    """The installed tpool version ('unknown' when run from a source tree that is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tpool")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _StderrHandler(logging.Handler):
+    """Library warnings (the ``tpool_cli`` logger) as one yellow line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stderr.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("tpool_cli")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user mistakes become one red line on stderr and a non-zero exit, no traceback."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/timm deprecation notes are not for our users
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    _show_library_warnings()
     try:
         code = app(args=argv, standalone_mode=False)
     except TpoolError as exc:
@@ -49,14 +83,21 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-@app.callback()
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tpool {version()}")
+        raise typer.Exit()
+
+
+@app.callback(help=f"How much compute can a pretrained ViT shed by downsampling its tokens, and at what accuracy cost? (tpool {version()})")
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the tpool version and exit."
+    ),
+) -> None:
     """How much compute can a pretrained ViT shed by downsampling its tokens, and at what accuracy cost?"""
 
 
-def _register_commands() -> None:
-    """Import the command modules; each adds itself to ``app`` with @app.command()."""
-    from .commands import bench, evaluate, models, pareto, profile, recon, report, visualize  # noqa: F401
-
-
-_register_commands()
+for _command in (bench.bench, evaluate.evaluate, models.models, ops.ops, pareto.pareto, profile.profile, recon.recon,
+                 report.report, visualize.visualize):
+    app.command()(_command)

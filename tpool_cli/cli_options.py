@@ -1,4 +1,7 @@
-"""Options shared by the commands, declared once (Typer reads the metadata from these aliases)."""
+"""Options shared by the commands, declared once (Typer reads the metadata from these aliases).
+
+Nothing here imports torch: ``tpool --help`` renders these without loading a model library.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .errors import TpoolError
-from .ops import get_operator_class, operator_names
 from .schedule import parse_float_list, parse_int_list, parse_r
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (ViT/DeiT family).")]
@@ -19,7 +21,7 @@ DataModelOpt = Annotated[
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pth weights file.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build the model without weights.")]
-OpsOpt = Annotated[str, typer.Option("--op", "--ops", help=f"Operator(s), comma-separated, or all: {', '.join(operator_names())}.")]
+OpsOpt = Annotated[str, typer.Option("--op", "--ops", help="Operator(s), comma-separated, or all (`tpool ops` lists them with their options).")]
 KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Keep rate(s) in (0, 1] per reduction layer, comma-separated.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="0-indexed blocks that reduce (default 3,6,9).")]
 TokensOpt = Annotated[Optional[str], typer.Option("--tokens", help="Patch-token budget per reduction layer, or per block.")]
@@ -33,11 +35,17 @@ ROpt = Annotated[
     typer.Option("--r", help="Tokens removed in every block (ToMe's r): R, or one per block R1,R2,...; ';' separates schedules (see docs/cli.md)."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random operator.")]
-# Operator options: each operator takes the ones it has (see docs/operators.md) and ignores the rest.
-ScoreOpt = Annotated[Optional[str], typer.Option("--score", help="topk score: cls (class attention) or received (PoWER-BERT).")]
-ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="Clustering iterations (kmeans/kmedoids and weighted variants).")]
-InitOpt = Annotated[Optional[str], typer.Option("--init", help="Clustering initialisation: significance (top-K) or farthest.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="What clustering compares: tokens or keys.")]
+# Operator options: any field of the selected operator(s) through --op-opt KEY=VALUE; with several
+# operators each takes the ones it has (a key none of them has is an error naming the valid ones).
+OpOptOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--op-opt", metavar="KEY=VALUE", help="Operator option (repeatable), e.g. iters=3; `tpool ops` lists each operator's options."),
+]
+# Named aliases of common --op-opt keys, kept for existing scripts.
+ScoreOpt = Annotated[Optional[str], typer.Option("--score", help="= --op-opt score=...: topk score, cls (class attention) or received (PoWER-BERT).")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="= --op-opt iters=...: clustering iterations (kmeans/kmedoids and weighted variants).")]
+InitOpt = Annotated[Optional[str], typer.Option("--init", help="= --op-opt init=...: clustering initialisation, significance (top-K) or farthest.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="= --op-opt features=...: what clustering compares, tokens or keys.")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, json or csv (data on stdout).")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write JSON/CSV here (by suffix).")]
 
@@ -59,9 +67,23 @@ FailBelowOpt = Annotated[
 ]
 
 
-def op_options(**options: Any) -> dict[str, Any]:
-    """Operator options the user actually set (None = the operator's default)."""
-    return {k: v for k, v in options.items() if v is not None}
+def op_options(op_opt: Optional[list[str]] = None, **aliases: Any) -> dict[str, Any]:
+    """Operator options the user set: ``--op-opt KEY=VALUE`` pairs and the named aliases (None = not given).
+
+    Values stay text here; :func:`tpool_cli.ops.make_operators` parses them by each option's type
+    and checks the keys against the selected operators. A key given twice with different values
+    (``--iters 3 --op-opt iters=4``) is an error.
+    """
+    options = {k: v for k, v in aliases.items() if v is not None}
+    for pair in op_opt or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise TpoolError(f"--op-opt takes KEY=VALUE, got {pair!r}")
+        if key in options and str(options[key]) != value:
+            raise TpoolError(f"operator option {key} given twice ({options[key]!r} and {value!r})")
+        options[key] = value
+    return options
 
 
 def split_names(text: str) -> list[str]:
@@ -69,6 +91,8 @@ def split_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise TpoolError("--ops is empty: name one or more operators, or all")
+    from .ops import get_operator_class, operator_names
+
     if names == ["all"]:
         return [name for name in operator_names() if name not in ("none", "drop")]
     for name in names:
@@ -77,7 +101,7 @@ def split_names(text: str) -> list[str]:
 
 
 def parse_schedule_args(
-    keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: float = 0.7,
+    keep: Optional[str], layers: Optional[str], tokens: Optional[str], default_keep: Optional[float] = 0.7,
     r: Optional[str] = None, sweep: bool = True,
 ):
     """(keeps, layers, tokens, rs) from the CLI strings; keep defaults to ``default_keep`` without
@@ -89,6 +113,6 @@ def parse_schedule_args(
     if r is not None and layers is not None:
         raise TpoolError("--layers goes with --keep or --tokens; --r gives one value, or one per block")
     keeps = parse_float_list(keep, "--keep") if keep is not None else None
-    if keeps is None and tokens is None and r is None:
+    if keeps is None and tokens is None and r is None and default_keep is not None:
         keeps = (default_keep,)
     return keeps, parse_int_list(layers, "--layers"), parse_int_list(tokens, "--tokens"), parse_r(r, sweep)

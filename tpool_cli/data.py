@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import TpoolError
-from .output import write_text
+from .store import write_text
 
 # Suffixes decoded as images; any other (non-hidden) file in a class folder is reported as skipped.
 IMAGE_SUFFIXES = frozenset(

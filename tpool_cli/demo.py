@@ -5,7 +5,8 @@ real case end to end:
 
 * ``tpool_digits_vit``, a timm :class:`~timm.models.vision_transformer.VisionTransformer`
   (32 px input, patch 4 -> 8x8 = 64 patch tokens + a class token, width 96, depth 6, 3 heads,
-  10 classes), registered with timm on import of ``tpool_cli`` so that ``timm.create_model``,
+  10 classes), registered with timm on import of this module (which :mod:`tpool_cli.models`
+  imports, so every name it resolves can be the demo's) so that ``timm.create_model``,
   ``resolve_data_config`` and ``create_transform`` treat it like any other timm model;
 * its weights (``assets/tpool_digits_vit.safetensors``) and training record
   (``assets/tpool_digits_vit.json``), made by ``scripts/train_demo.py``;
@@ -248,45 +249,6 @@ def demo_images(n: int) -> list[Path]:
     data = ensure_demo_data()
     _, labels = load_test_split()
     return [data.root / str(int(label)) / _image_name(i) for i, label in enumerate(labels[:n])]
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The model and data a command runs on, after the built-in demo defaults are filled in."""
-
-    model: str
-    data: Path
-    class_map: Optional[Path]
-    demo: bool
-
-
-def resolve_workload(model: Optional[str], data: Optional[str | Path], class_map: Optional[str | Path], command: str) -> Workload:
-    """Fill in the built-in demo where the user gave no ``--data``.
-
-    No ``--model`` and no ``--data`` (or ``--model tpool_digits_vit`` alone): the demo model on its
-    digits test folder, announced on stderr with how to point the command at ImageNet. ``--data``
-    without ``--model``: the default timm model. ``--model`` other than the demo without ``--data``:
-    one clear error, since the demo images mean nothing to another model.
-    """
-    from .models import DEFAULT_MODEL
-    from .output import stderr
-
-    if data is None:
-        if class_map is not None:
-            raise TpoolError("--class-map goes with --data: the built-in demo brings its own class map")
-        if model not in (None, DEMO_MODEL):
-            raise TpoolError(f"--data DIR is required for {model} (an ImageNet-style folder DIR/<wnid>/<image>); "
-                             f"the built-in demo data goes with --model {DEMO_MODEL}")
-        demo = ensure_demo_data()
-        stderr.print(
-            f"[cyan]built-in demo:[/cyan] {DEMO_MODEL} (a ViT trained on scikit-learn's digits, shipped with tpool) on its "
-            f"{demo.num_images} test images in {demo.root}. For ImageNet: tpool {command} --model deit_small_patch16_224 "
-            "--weights W.safetensors --data /path/to/imagenet/val",
-            highlight=False,
-        )
-        return Workload(DEMO_MODEL, demo.root, demo.class_map, True)
-    root = Path(data).expanduser()
-    return Workload(model or DEFAULT_MODEL, root, Path(class_map).expanduser() if class_map is not None else None, False)
 
 
 # The demo sweep goes further down than ImageNet defaults: 64 tokens leave room to the end.

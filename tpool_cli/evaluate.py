@@ -188,29 +188,65 @@ def evaluate(
 ) -> EvalResult:
     """Top-1/top-5, images/s and the full configuration of ``model`` (patched or not) on ``data``.
 
-    ``data``: a folder path (scanned with ``class_map``/``limit``), a scanned :class:`ImageFolder`,
-    or a :class:`DecodedImages` cache. ``count`` adds fvcore GMACs per image of the configuration.
+    Steps: resolve the data (:func:`_resolve_data`), check the labels fit the model, read the
+    configuration off the model (:func:`_run_config`), score every batch (:class:`_Scorer`), then
+    assemble the result (:func:`_assemble`).
+
+    Args:
+        model: a :class:`LoadedModel` (its weights go into the row) or a bare module.
+        data: a folder path (scanned with ``class_map``/``limit``), a scanned :class:`ImageFolder`,
+            or a :class:`DecodedImages` cache.
+        device, amp: where and in which precision ('bf16', 'fp16', 'none'; None: bf16 on CUDA).
+        batch_size, workers: images per batch and DataLoader workers (folders only).
+        compile: ``torch.compile`` the model first (compile time reported apart).
+        count: add fvcore GMACs per image of the configuration.
+        progress: called with the number of files done after each batch.
+        keep_predictions: keep the top-1 class of every image.
+
     Ctrl-C (KeyboardInterrupt) during the loop stops it and returns what was done with
-    ``interrupted=True``. ``keep_predictions`` keeps the top-1 class of every image.
+    ``interrupted=True``.
     """
     loaded = model if isinstance(model, LoadedModel) else None
     net: nn.Module = loaded.model if loaded else model  # type: ignore[assignment]
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     if batch_size < 1:
-        raise TpoolError(f"--batch-size must be >= 1, got {batch_size}")
+        raise TpoolError(f"batch size must be >= 1, got {batch_size}")
     if workers is not None and workers < 0:
-        raise TpoolError(f"--workers must be >= 0, got {workers}")
-
+        raise TpoolError(f"workers must be >= 0, got {workers}")
+    folder, cache = _resolve_data(data, net, class_map, limit)
+    _check_labels(folder, net)
+    net.eval().to(dev)
+    if dev.type == "cpu":
+        steady_host_allocator()  # CPU img/s must not depend on malloc's history (see device.py)
+    config = _run_config(net, loaded, folder, dev, amp_dtype, batch_size, compile, count)
     cfg = data_config(net)
-    from_cache = isinstance(data, DecodedImages)
-    if from_cache:
-        folder, cache = data.folder, data
+    scorer = _Scorer(net, dev, amp_dtype, batch_size, compile, int(getattr(net, "num_classes", 0) or 0), keep_predictions)
+    source = (
+        _cached_batches(cache.to(dev), batch_size, dev) if cache is not None
+        else _folder_batches(folder, cfg, batch_size, workers, dev)
+    )
+    start = time.perf_counter()
+    scorer.run(source, cfg["mean"], cfg["std"], progress)
+    elapsed = time.perf_counter() - start - (scorer.compile_seconds or 0.0)
+    return _assemble(scorer, folder, config, elapsed, from_cache=cache is not None, keep_predictions=keep_predictions)
+
+
+def _resolve_data(
+    data: str | Path | ImageFolder | DecodedImages, net: nn.Module, class_map: Optional[str | Path], limit: Optional[int]
+) -> tuple[ImageFolder, Optional[DecodedImages]]:
+    """(the folder, the decode-once cache when ``data`` is one, checked against the model's preprocessing)."""
+    if isinstance(data, DecodedImages):
+        cfg = data_config(net)
         if data.cfg != cfg:
             raise TpoolError(f"the decoded images were preprocessed for {data.cfg['input_size']} input, the model needs {cfg['input_size']}")
-    else:
-        folder = data if isinstance(data, ImageFolder) else scan_folder(data, class_map=class_map, limit=limit)
-        cache = None
+        return data.folder, data
+    folder = data if isinstance(data, ImageFolder) else scan_folder(data, class_map=class_map, limit=limit)
+    return folder, None
+
+
+def _check_labels(folder: ImageFolder, net: nn.Module) -> None:
+    """Every class index of the folder must be one the model predicts."""
     num_classes = int(getattr(net, "num_classes", 0) or 0)
     if num_classes and folder.max_label >= num_classes:
         worst = max(folder.classes, key=lambda name: folder.classes[name])
@@ -219,9 +255,12 @@ def evaluate(
             f"but the model has {num_classes} classes; pass --class-map FILE for its label space"
         )
 
-    net.eval().to(dev)
-    if dev.type == "cpu":
-        steady_host_allocator()  # CPU img/s must not depend on malloc's history (see device.py)
+
+def _run_config(
+    net: nn.Module, loaded: Optional[LoadedModel], folder: ImageFolder, dev: torch.device,
+    amp_dtype: Optional[torch.dtype], batch_size: int, compile: bool, count: bool,
+) -> dict[str, Any]:
+    """The row's configuration: the model's (:func:`model_config`), GMACs, device, data, versions."""
     config = model_config(net, loaded)
     if count:
         from .flops import count_flops
@@ -241,65 +280,86 @@ def evaluate(
         limit=folder.limit,
         **versions(),
     )
+    return config
 
-    forward = torch.compile(net, dynamic=False) if compile else net
-    compile_seconds: Optional[float] = None
-    mean, std = cfg["mean"], cfg["std"]
-    k5 = min(5, num_classes or 5)
-    correct1 = torch.zeros((), dtype=torch.long, device=dev)
-    correct5 = torch.zeros((), dtype=torch.long, device=dev)
-    images = 0
-    skipped: list[dict[str, str]] = []
-    timings: list[tuple[int, float]] = []
-    preds: list[torch.Tensor] = []
-    pred_idx: list[torch.Tensor] = []
-    interrupted = False
 
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            source = (
-                _cached_batches(cache.to(dev), batch_size, dev) if cache is not None
-                else _folder_batches(folder, cfg, batch_size, workers, dev)
-            )
-            for x, y, indices, bad, n_files in source:
-                skipped += bad
-                if x is not None:
-                    inp = normalize(x, mean, std)
-                    n = int(x.shape[0])
-                    if compile and n < batch_size:  # one input shape: a partial batch would recompile
-                        inp = torch.cat([inp, inp.new_zeros((batch_size - n, *inp.shape[1:]))])
-                    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        if compile and compile_seconds is None:
-                            synchronize(dev)
-                            t0 = time.perf_counter()
-                            forward(inp)  # compiles; timed apart and left out of both throughputs
-                            synchronize(dev)
-                            compile_seconds = time.perf_counter() - t0
-                        synchronize(dev)
-                        t0 = time.perf_counter()
-                        logits = forward(inp)[:n]
-                        synchronize(dev)
-                        timings.append((n, time.perf_counter() - t0))
-                    top = logits.float().topk(k5, dim=1).indices
-                    correct1 += (top[:, 0] == y).sum()
-                    correct5 += (top == y[:, None]).any(dim=1).sum()
-                    images += n
-                    if keep_predictions:
-                        preds.append(top[:, 0].cpu())
-                        pred_idx.append(indices.cpu())
-                if progress is not None:
-                    progress(n_files)
-    except KeyboardInterrupt:
-        interrupted = True
-    synchronize(dev)
-    elapsed = time.perf_counter() - start - (compile_seconds or 0.0)
+class _Scorer:
+    """Runs the batches through the model and counts top-1/top-5 hits on the device (no host sync per batch)."""
 
-    if images == 0 and not interrupted:
+    def __init__(
+        self, net: nn.Module, dev: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int, compile: bool,
+        num_classes: int, keep_predictions: bool,
+    ) -> None:
+        self.forward = torch.compile(net, dynamic=False) if compile else net
+        self.dev, self.amp_dtype, self.batch_size, self.compile = dev, amp_dtype, batch_size, compile
+        self.k5 = min(5, num_classes or 5)
+        self.keep_predictions = keep_predictions
+        self.correct1 = torch.zeros((), dtype=torch.long, device=dev)
+        self.correct5 = torch.zeros((), dtype=torch.long, device=dev)
+        self.images = 0
+        self.skipped: list[dict[str, str]] = []
+        self.timings: list[tuple[int, float]] = []  # (images, synchronised forward seconds) per batch
+        self.preds: list[torch.Tensor] = []
+        self.pred_idx: list[torch.Tensor] = []
+        self.compile_seconds: Optional[float] = None
+        self.interrupted = False
+
+    def run(self, source: Iterator, mean: Any, std: Any, progress: Optional[ProgressFn]) -> None:
+        """Score every batch of ``source``; Ctrl-C stops it with ``interrupted`` set."""
+        try:
+            with torch.inference_mode():
+                for x, y, indices, bad, n_files in source:
+                    self.skipped += bad
+                    if x is not None:
+                        self.score(normalize(x, mean, std), y, indices)
+                    if progress is not None:
+                        progress(n_files)
+        except KeyboardInterrupt:
+            self.interrupted = True
+        synchronize(self.dev)
+
+    def logits(self, inp: torch.Tensor, n: int) -> torch.Tensor:
+        """The model's logits of the first ``n`` images, the forward pass alone timed."""
+        dev = self.dev
+        if self.compile and n < self.batch_size:  # one input shape: a partial batch would recompile
+            inp = torch.cat([inp, inp.new_zeros((self.batch_size - n, *inp.shape[1:]))])
+        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            if self.compile and self.compile_seconds is None:
+                synchronize(dev)
+                t0 = time.perf_counter()
+                self.forward(inp)  # compiles; timed apart and left out of both throughputs
+                synchronize(dev)
+                self.compile_seconds = time.perf_counter() - t0
+            synchronize(dev)
+            t0 = time.perf_counter()
+            logits = self.forward(inp)[:n]
+            synchronize(dev)
+            self.timings.append((n, time.perf_counter() - t0))
+        return logits
+
+    def score(self, inp: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> None:
+        n = int(inp.shape[0])
+        top = self.logits(inp, n).float().topk(self.k5, dim=1).indices
+        self.correct1 += (top[:, 0] == y).sum()
+        self.correct5 += (top == y[:, None]).any(dim=1).sum()
+        self.images += n
+        if self.keep_predictions:
+            self.preds.append(top[:, 0].cpu())
+            self.pred_idx.append(indices.cpu())
+
+
+def _assemble(
+    scorer: _Scorer, folder: ImageFolder, config: dict[str, Any], elapsed: float, *, from_cache: bool,
+    keep_predictions: bool,
+) -> EvalResult:
+    """The :class:`EvalResult` of a finished (or interrupted) scoring loop."""
+    images, skipped = scorer.images, scorer.skipped
+    if images == 0 and not scorer.interrupted:
         first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise TpoolError(f"none of the {len(folder)} files under {folder.root} could be decoded as an image{first}")
-    c1, c5 = int(correct1.item()), int(correct5.item())
-    model_ips, timed_images, model_seconds = _model_only(timings, batch_size)
+    c1, c5 = int(scorer.correct1.item()), int(scorer.correct5.item())
+    model_ips, timed_images, model_seconds = _model_only(scorer.timings, scorer.batch_size)
+    empty = torch.empty(0, dtype=torch.long) if keep_predictions else None
     return EvalResult(
         top1=100.0 * c1 / images if images else float("nan"),
         top5=100.0 * c5 / images if images else float("nan"),
@@ -314,9 +374,9 @@ def evaluate(
         eval_seconds=elapsed,
         model_seconds=model_seconds,
         timed_images=timed_images,
-        compile_seconds=compile_seconds,
-        interrupted=interrupted,
+        compile_seconds=scorer.compile_seconds,
+        interrupted=scorer.interrupted,
         config=config,
-        predictions=torch.cat(preds) if preds else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
-        prediction_indices=torch.cat(pred_idx) if pred_idx else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
+        predictions=torch.cat(scorer.preds) if scorer.preds else empty,
+        prediction_indices=torch.cat(scorer.pred_idx) if scorer.pred_idx else empty,
     )

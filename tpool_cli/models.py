@@ -32,6 +32,42 @@ HUB_PROBE_TIMEOUT_S = 3.0
 SHIPPED_WEIGHTS: dict[str, Callable[[], Path]] = {demo.DEMO_MODEL: demo.shipped_weights}
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The model and data a command runs on, after the built-in demo defaults are filled in."""
+
+    model: str
+    data: Path
+    class_map: Optional[Path]
+    demo: bool
+    announcement: Optional[str] = None  # what the user should be told (the demo, and how to leave it)
+
+
+def resolve_workload(model: Optional[str], data: Optional[str | Path], class_map: Optional[str | Path], command: str) -> Workload:
+    """Fill in the built-in demo where the user gave no ``--data``.
+
+    No ``--model`` and no ``--data`` (or ``--model tpool_digits_vit`` alone): the demo model on its
+    digits test folder, with an ``announcement`` of it and of how to point ``tpool COMMAND`` at
+    ImageNet. ``--data`` without ``--model``: the default timm model. ``--model`` other than the
+    demo without ``--data``: one clear error, since the demo images mean nothing to another model.
+    """
+    if data is None:
+        if class_map is not None:
+            raise TpoolError("--class-map goes with --data: the built-in demo brings its own class map")
+        if model not in (None, demo.DEMO_MODEL):
+            raise TpoolError(f"--data DIR is required for {model} (an ImageNet-style folder DIR/<wnid>/<image>); "
+                             f"the built-in demo data goes with --model {demo.DEMO_MODEL}")
+        data_ = demo.ensure_demo_data()
+        note = (
+            f"{demo.DEMO_MODEL} (a ViT trained on scikit-learn's digits, shipped with tpool) on its "
+            f"{data_.num_images} test images in {data_.root}. For ImageNet: tpool {command} --model deit_small_patch16_224 "
+            "--weights W.safetensors --data /path/to/imagenet/val"
+        )
+        return Workload(demo.DEMO_MODEL, data_.root, data_.class_map, True, note)
+    root = Path(data).expanduser()
+    return Workload(model or DEFAULT_MODEL, root, Path(class_map).expanduser() if class_map is not None else None, False)
+
+
 @dataclass
 class LoadedModel:
     """A model ready to run, with where its weights came from (for result rows)."""
@@ -87,9 +123,17 @@ def load_model(
     random_init: bool = False,
     img_size: Optional[int] = None,
     device: str | torch.device = "cpu",
+    seed: Optional[int] = None,
 ) -> LoadedModel:
-    """Create ``name`` in eval mode on ``device`` with weights resolved as the module docstring says."""
+    """Create ``name`` in eval mode on ``device`` with weights resolved as the module docstring says.
+
+    ``seed`` with ``random_init``: the random weights are drawn after ``torch.manual_seed(seed)``,
+    so every run gets the same ones, and ``weights`` says so ("random-init (seed N)"): another
+    seed, other weights, another result identity.
+    """
     _check_model_name(name)
+    if random_init and seed is not None:
+        torch.manual_seed(seed)
     kwargs: dict[str, object] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -133,4 +177,6 @@ def load_model(
 
     check_supported(model)
     model.eval().to(device)
+    if random_init and seed is not None:
+        source = f"random-init (seed {seed})"
     return LoadedModel(model=model, name=name, weights=source, weights_sha256=sha, pretrained=not random_init)

@@ -13,16 +13,34 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from .errors import TpoolError
+from .store import write_text  # noqa: F401  (re-exported: the library writes files through the store)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+    from rich.table import Table
 
 FORMATS = ("table", "json", "csv")
 
-# Wide enough for the per-layer tables when piped (Rich would otherwise assume 80 columns).
-stdout = Console(width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, soft_wrap=True)
+
+def _console(name: str) -> "Console":
+    """The ``stdout`` or ``stderr`` Rich console, made on first use (importing this module loads no Rich)."""
+    console = globals().get(name)
+    if console is None:
+        from rich.console import Console
+
+        # stdout wide enough for the per-layer tables when piped (Rich would otherwise assume 80 columns)
+        console = Console(width=None if sys.stdout.isatty() else 160) if name == "stdout" else Console(stderr=True, soft_wrap=True)
+        globals()[name] = console
+    return console
+
+
+def __getattr__(name: str) -> "Console":
+    if name in ("stdout", "stderr"):
+        return _console(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_format(fmt: str) -> str:
@@ -48,18 +66,9 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically (temp file + rename), creating its folder."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as exc:
-        raise TpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+def make_table(title: str, columns: Iterable[str], rows: Iterable[Sequence[Any]], caption: Optional[str] = None) -> "Table":
+    from rich.table import Table
 
-
-def make_table(title: str, columns: Iterable[str], rows: Iterable[Sequence[Any]], caption: Optional[str] = None) -> Table:
     table = Table(title=title, caption=caption, title_justify="left")
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
@@ -68,7 +77,7 @@ def make_table(title: str, columns: Iterable[str], rows: Iterable[Sequence[Any]]
     return table
 
 
-def emit(payload: Any, csv_rows: Sequence[dict[str, Any]], fmt: str, output: Optional[Path], tables: Sequence[Table]) -> None:
+def emit(payload: Any, csv_rows: Sequence[dict[str, Any]], fmt: str, output: Optional[Path], tables: Sequence["Table"]) -> None:
     """Print in ``fmt`` to stdout; with ``output`` also write JSON or CSV (by suffix, else by fmt)."""
     if fmt == "json":
         sys.stdout.write(to_json(payload))
@@ -76,11 +85,11 @@ def emit(payload: Any, csv_rows: Sequence[dict[str, Any]], fmt: str, output: Opt
         sys.stdout.write(to_csv(csv_rows))
     else:
         for table in tables:
-            stdout.print(table)
+            _console("stdout").print(table)
     if output is not None:
         kind = "csv" if output.suffix == ".csv" or (fmt == "csv" and output.suffix != ".json") else "json"
         write_text(output, to_csv(csv_rows) if kind == "csv" else to_json(payload))
-        stderr.print(f"wrote {output}")
+        _console("stderr").print(f"wrote {output}")
 
 
 def token_path(counts: Sequence[int]) -> str:

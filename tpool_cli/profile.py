@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import TpoolError
 from .flops import COUNTERS, Agreement, FlopReport, compare_reports, count_flops
-from .ops import TokenOperator, make_operator
+from .ops import TokenOperator, make_operators
 from .patch import patch, unpatch
 from .schedule import Schedule
 
@@ -125,7 +125,7 @@ def build_configs(
     **op_options: Any,
 ) -> list[tuple[TokenOperator, Schedule]]:
     """The cross product of operators and keep rates (or r schedules, or the one token budget), validated."""
-    operators = [make_operator(name, **op_options) for name in ops]
+    operators = make_operators(ops, op_options)  # each operator takes the options it has
     if rs is not None:
         schedules = [Schedule(r=r) for r in rs]
     elif tokens is not None:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from .errors import TpoolError
-from .output import write_text
+from .store import write_text
 
 DROPS = (0.5, 1.0, 2.0)  # top-1 points the "GMACs saved" table allows to lose
 RUN_FIELDS = ("model", "weights_sha256", "weights", "data_fingerprint", "img_size", "dtype", "device")
@@ -73,8 +73,7 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     hand or by an older tpool), the rows of the most recent run configuration. When the plan has
     bench keys (``tpool pareto --bench``), each row gets its figures from ``bench.jsonl``.
     """
-    from .sweep import PLAN_FILE, RESULTS_FILE, ResultsStore
-    from .sweep_bench import merge_bench, read_bench
+    from .store import PLAN_FILE, RESULTS_FILE, ResultsStore, merge_bench, read_bench
 
     path = Path(out) / RESULTS_FILE
     if not path.is_file():

@@ -18,47 +18,24 @@ last timed round in eager mode (the rounds are interleaved), after each variant 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .bench import BenchReport, BenchRow, BenchSettings, Variant, bench
+from .bench import BenchReport, BenchRow, BenchSettings, Variant, bench, timing_defaults
 from .device import device_name, dtype_label
 from .errors import TpoolError
 from .schedule import Schedule
-from .sweep import Log, Point, ResultsStore, point_identity
+from .store import (  # noqa: F401  (BENCH_FILE, MERGED_FIELDS, bench_key, merge_bench, read_bench: re-exported)
+    BENCH_FILE, DATA_FIELDS, MERGED_FIELDS, Log, ResultsStore, bench_key, merge_bench, read_bench, warn,
+)
+from .sweep_plan import Point
 
-BENCH_FILE = "bench.jsonl"
-# Point-key fields a timing on a synthetic batch does not depend on.
-DATA_FIELDS = ("data_fingerprint", "batch_size")
 # Runs of one point that differ by more than this (max - min over the median) get a warning.
 NOISY_SPREAD = 0.25
-# What a point row gains from its bench row (the report's speed figures when present).
-MERGED_FIELDS = (
-    "bench_img_s", "bench_baseline_img_s", "bench_ideal_img_s", "bench_vs_baseline", "bench_vs_ideal",
-    "bench_ideal_vs_baseline", "bench_compile_s", "bench_error", "bench_run", "bench_batch_size", "bench_dtype",
-    "bench_compile", "bench_steps", "bench_repeats",
-)
-
-
-def bench_key(ident: dict[str, Any], settings: BenchSettings, dtype: str) -> str:
-    """Key of a point's bench row, from the point's identity (``sweep.point_identity``-style dict).
-
-    The point's fields minus the data it was evaluated on (:data:`DATA_FIELDS`: another ``--limit``
-    or evaluation batch size does not change a synthetic-batch timing), plus the timing settings
-    with the resolved precision (``dtype``: 'fp32', 'bf16'...).
-    """
-    timing = asdict(settings)
-    timing.pop("img_size", None)  # the point already has the resolution
-    timing["amp"] = dtype
-    point = {k: v for k, v in point_identity(ident).items() if k not in DATA_FIELDS}
-    text = json.dumps({"point": point, "timing": timing}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _final(v: Variant, repeats: int) -> bool:
@@ -114,6 +91,82 @@ def _spread(runs: Optional[list[float]]) -> float:
     return (ordered[-1] - ordered[0]) / ordered[len(ordered) // 2]
 
 
+def sweep_bench_settings(
+    device: torch.device,
+    *,
+    enabled: bool,
+    batch_size: int,
+    img_size: Optional[int] = None,
+    amp: Optional[str] = None,
+    compile: bool = False,
+    bench_batch_size: Optional[int] = None,
+    bench_steps: Optional[int] = None,
+    bench_repeats: Optional[int] = None,
+) -> Optional[BenchSettings]:
+    """The timing settings of a sweep's bench pass, or None without one.
+
+    Args:
+        device: where the sweep runs (the warm-up and step defaults depend on it).
+        enabled: whether the sweep has a bench pass at all.
+        batch_size: the sweep's evaluation batch, the synthetic batch unless ``bench_batch_size``.
+        img_size, amp, compile: the sweep's own, so the points are timed as they were evaluated.
+        bench_batch_size, bench_steps, bench_repeats: overrides; an error without a bench pass.
+    """
+    if not enabled:
+        given = [name for name, value in (("--bench-batch-size", bench_batch_size), ("--bench-steps", bench_steps),
+                                          ("--bench-repeats", bench_repeats)) if value is not None]
+        if given:
+            raise TpoolError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --bench")
+        return None
+    _, warmup, steps = timing_defaults(device)
+    return BenchSettings(
+        batch_size=bench_batch_size or batch_size, img_size=img_size, amp=amp, compile=compile,
+        warmup=warmup, steps=bench_steps or steps, repeats=bench_repeats or 3,
+    )
+
+
+@dataclass
+class _RowWriter:
+    """Appends each point's bench row once its figures are final (state of one :func:`bench_points` call)."""
+
+    store: ResultsStore
+    keys: dict[str, str]  # point key -> bench key
+    ops: list[tuple[Point, str]]  # the operator points being timed, in bench() row order
+    baselines: list[tuple[Point, str]]  # the baseline point(s) without a good row
+    repeats: int
+    run: str
+    depth: int
+    log: Log
+    advance: Callable[[int], None]
+    written: set[str] = field(default_factory=set)
+    noisy: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def write(self, point: Point, point_key: str, r: Optional[BenchRow], report: BenchReport) -> None:
+        b = report.baseline  # the baseline point: its own ideal and operator
+        r = r or BenchRow("none", Schedule(keep=1.0), self.depth, b, b, b)
+        row = bench_row(self.keys[point_key], point, r, report, self.run)
+        self.store.append(row)
+        self.written.add(point_key)
+        if row["bench_error"]:
+            self.failed.append(row["point"])
+            self.log(f"--bench: {row['point']} could not be timed: {row['bench_error']}")
+        if _spread(row["bench_runs_img_s"]) > NOISY_SPREAD:
+            self.noisy.append(row["point"])
+
+    def flush(self, report: BenchReport) -> None:
+        """Append every row whose figures (its own, its ideal's and the baseline's) are final."""
+        self.advance(1)  # bench() calls this after the baseline, after each point and after each timed round
+        if not _final(report.baseline, self.repeats):
+            return
+        for point, point_key in self.baselines:
+            if point_key not in self.written:
+                self.write(point, point_key, None, report)
+        for (point, point_key), r in zip(self.ops, report.rows):
+            if point_key not in self.written and _final(r.operator, self.repeats) and _final(r.ideal, self.repeats):
+                self.write(point, point_key, r, report)
+
+
 def bench_points(
     model: torch.nn.Module,
     planned: Sequence[tuple[Point, str]],
@@ -126,7 +179,7 @@ def bench_points(
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
     start: Optional[Callable[[int], Callable[[int], None]]] = None,
-    log: Log = print,
+    log: Log = warn,
 ) -> tuple[int, int]:
     """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
 
@@ -145,74 +198,26 @@ def bench_points(
     if not missing:
         return 0, 0
     ops = [(p, k) for p, k in missing if not p.is_baseline]
-    baseline_missing = [(p, k) for p, k in missing if p.is_baseline]
-    run = time.strftime("%Y%m%dT%H%M%S")
-    depth = len(model.blocks)  # type: ignore[arg-type]
-    written: set[str] = set()
-    noisy: list[str] = []
-    failed: list[str] = []
-
-    def write(point: Point, point_key: str, r: BenchRow | None, report: BenchReport) -> None:
-        b = report.baseline  # the baseline point: its own ideal and operator
-        r = r or BenchRow("none", Schedule(keep=1.0), depth, b, b, b)
-        row = bench_row(keys[point_key], point, r, report, run)
-        store.append(row)
-        written.add(point_key)
-        if row["bench_error"]:
-            failed.append(row["point"])
-            log(f"--bench: {row['point']} could not be timed: {row['bench_error']}")
-        if _spread(row["bench_runs_img_s"]) > NOISY_SPREAD:
-            noisy.append(row["point"])
-
-    advance = start(1 + len(ops) + (0 if settings.compile else settings.repeats)) if start else (lambda n: None)
-
-    def flush(report: BenchReport) -> None:
-        """Append every row whose figures (its own, its ideal's and the baseline's) are final."""
-        advance(1)  # bench() calls this after the baseline, after each point and after each timed round
-        if not _final(report.baseline, settings.repeats):
-            return
-        for point, point_key in baseline_missing:
-            if point_key not in written:
-                write(point, point_key, None, report)
-        for (point, point_key), r in zip(ops, report.rows):
-            if point_key not in written and _final(r.operator, settings.repeats) and _final(r.ideal, settings.repeats):
-                write(point, point_key, r, report)
-
+    total = 1 + len(ops) + (0 if settings.compile else settings.repeats)
+    writer = _RowWriter(
+        store, keys, ops, [(p, k) for p, k in missing if p.is_baseline], settings.repeats,
+        run=time.strftime("%Y%m%dT%H%M%S"), depth=len(model.blocks), log=log,  # type: ignore[arg-type]
+        advance=start(total) if start else (lambda n: None),
+    )
     try:
         report = bench(
             model, [(p.operator, p.schedule) for p, _ in ops], settings, device, prop_attn=prop_attn, seed=seed,
-            errors="record", count_gmacs=False, progress=progress, on_update=flush,
+            errors="record", count_gmacs=False, progress=progress, on_update=writer.flush,
         )
     except TpoolError as exc:  # the baseline does not run: say so in the report too, then let the caller decide
-        for point, point_key in baseline_missing:  # a good row of an earlier run stays the one that counts
-            store.append(failed_baseline_row(keys[point_key], point, settings, device, run, str(exc), depth))
+        for point, point_key in writer.baselines:  # a good row of an earlier run stays the one that counts
+            store.append(failed_baseline_row(keys[point_key], point, settings, device, writer.run, str(exc), writer.depth))
         raise
-    advance(-1)  # the closing flush below is not one of bench()'s updates
-    flush(report)
-    if noisy:
-        log(f"--bench: {len(noisy)} point(s) varied by more than {NOISY_SPREAD:.0%} between runs (a busy machine?), "
-            f"e.g. {noisy[0]}; see bench_runs_img_s in {store.path}")
+    writer.advance(-1)  # the closing flush below is not one of bench()'s updates
+    writer.flush(report)
+    if writer.noisy:
+        log(f"--bench: {len(writer.noisy)} point(s) varied by more than {NOISY_SPREAD:.0%} between runs (a busy machine?), "
+            f"e.g. {writer.noisy[0]}; see bench_runs_img_s in {store.path}")
     if report.baseline.error:  # it ran its first calls, then failed in a timed round
         raise TpoolError(f"the unpatched model failed while timed: {report.baseline.error}")
-    return len(written), len(failed)
-
-
-def merge_bench(rows: list[dict[str, Any]], bench_rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Point rows with their bench figures (``MERGED_FIELDS``) added; rows without one are left as they are."""
-    merged = []
-    for row in rows:
-        extra = bench_rows.get(row.get("key", ""))
-        merged.append({**row, **{f: extra.get(f) for f in MERGED_FIELDS}} if extra else row)
-    return merged
-
-
-def read_bench(out: Path, wanted: dict[str, str], log: Optional[Log] = None) -> dict[str, dict[str, Any]]:
-    """{point key: bench row} for ``wanted`` ({point key: bench key}, from plan.json), read only.
-
-    The newest row of a key wins (a point timed again after an error)."""
-    path = Path(out) / BENCH_FILE
-    if not wanted or not path.is_file():
-        return {}
-    store = ResultsStore(path, log, keep="last") if log else ResultsStore(path, keep="last")
-    by_key = {row.get("key"): row for row in store.read(repair=False)}
-    return {point_key: by_key[key] for point_key, key in wanted.items() if key in by_key}
+    return len(writer.written), len(writer.failed)

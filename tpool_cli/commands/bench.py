@@ -6,9 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app
 from ..cli_options import (
-    AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
+    AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
@@ -21,7 +20,6 @@ RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Timed runs; throughp
 CompileModeOpt = Annotated[str, typer.Option("--compile-mode", help="torch.compile mode with --compile: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs.")]
 
 
-@app.command()
 def bench(
     model: ModelOpt = "deit_small_patch16_224",
     op: OpsOpt = "topk",
@@ -44,6 +42,7 @@ def bench(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
 ) -> int:
@@ -72,7 +71,7 @@ def bench(
         repeats=repeats,
     )
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         from ..ops import make_operator

@@ -5,21 +5,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
-from ..cli import app
 from ..cli_options import (
-    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr, token_path
+from .common import RANDOM_WEIGHTS_NOTE, announce, warn_random_weights
 
-RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (--random-init): accuracy is meaningless, throughput and GMACs are real"
 
-
-@app.command()
 def evaluate(
     model: DataModelOpt = None,
     weights: WeightsOpt = None,
@@ -38,6 +33,7 @@ def evaluate(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -49,11 +45,10 @@ def evaluate(
 ) -> None:
     """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
     from ..data import scan_folder
-    from ..demo import resolve_workload
     from ..evaluate import evaluate as run_evaluate
     from ..device import resolve_amp, resolve_device
     from ..flops import count_flops
-    from ..models import load_model
+    from ..models import load_model, resolve_workload
     from ..patch import capped_blocks, patch
     from ..profile import build_configs
     from ..progress import image_progress
@@ -69,16 +64,13 @@ def evaluate(
         raise TpoolError(f"evaluate runs one keep rate, got {keep}; `tpool pareto --keep` sweeps several")
     if rs is not None and len(rs) > 1:
         raise TpoolError(f"evaluate runs one schedule, got {len(rs)} --r schedules; `tpool pareto --r` sweeps several")
-    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(score=score, iters=iters, init=init, features=features))
+    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(op_opt, score=score, iters=iters, init=init, features=features))
     work = resolve_workload(model, data, class_map, "evaluate")
+    announce(work)
     model = work.model
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
-
-    if random_init:
-        torch.manual_seed(seed)  # the same random weights on every run, so results are reproducible
-    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
-    if random_init:
-        loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
+    # seeded: the same random weights on every run, and the seed in the weights' name
+    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size, seed=seed)
     baseline_gmacs = count_flops(loaded.model).total
     if configs:
         operator, schedule = configs[0]
@@ -86,7 +78,7 @@ def evaluate(
         for block, asked, done in capped_blocks(loaded.model):
             stderr.print(f"[dim]block {block}: --r asks {asked}, {operator.name} removes {done} (its cap)[/dim]", highlight=False)
     if random_init:
-        stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
+        warn_random_weights()
 
     with image_progress(f"{model} {names[0]}", len(folder)) as advance:
         result = run_evaluate(

@@ -6,12 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app
 from ..cli_options import FormatOpt, OutputOpt
 from ..output import check_format, emit, make_table
 
 
-@app.command()
 def models(
     pattern: Annotated[Optional[str], typer.Argument(help="timm model name or shell pattern (vit_*, eva02_*); default: one model per ViT family.")] = None,
     gmacs: Annotated[bool, typer.Option("--gmacs/--no-gmacs", help="Count GMACs at the default resolution (torch counter, meta device).")] = True,

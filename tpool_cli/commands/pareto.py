@@ -5,21 +5,23 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.markup import escape
 
-from ..cli import app
 from ..cli_options import (
     FailBelowOpt,
-    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
     TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, stderr
+from .common import announce, finish_report, warn_random_weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..sweep import SweepResult
 
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip points already in OUT/results.jsonl.")]
 CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, memory, or disk (memory-mapped under OUT/cache).")]
@@ -29,7 +31,6 @@ BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, he
 BenchRepeatsOpt = Annotated[Optional[int], typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench (default 3); the median is kept.")]
 
 
-@app.command()
 def pareto(
     model: DataModelOpt = None,
     weights: WeightsOpt = None,
@@ -48,6 +49,7 @@ def pareto(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     out: OutDirOpt = Path("runs/pareto"),
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
@@ -65,64 +67,56 @@ def pareto(
     fmt: FormatOpt = "table",
 ) -> None:
     """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
-    from ..bench import BenchSettings, timing_defaults
     from ..data import scan_folder
-    from ..demo import DEMO_KEEPS, resolve_workload
     from ..device import resolve_amp, resolve_device
-    from ..models import load_model
+    from ..models import load_model, resolve_workload
     from ..progress import RichSweepProgress
     from ..report import parse_gate
-    from ..schedule import parse_float_list
-    from ..sweep import DEFAULT_KEEPS, plan_points, run_sweep
-    from .evaluate import RANDOM_WEIGHTS_NOTE
-    from .report import finish_report
+    from ..sweep import run_sweep
+    from ..sweep_bench import sweep_bench_settings
+    from ..sweep_plan import plan_points, sweep_keeps, validate_points
 
+    # 1. the request, checked before the demo is announced or a model is built
     check_format(fmt)
     if cache not in ("auto", "memory", "disk"):
         raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
     gates = [parse_gate(g) for g in fail_below or []]
     dev = resolve_device(device)
     resolve_amp(amp, dev)
-    timing = None
-    if bench:
-        _, warmup, steps = timing_defaults(dev)
-        timing = BenchSettings(
-            batch_size=bench_batch_size or batch_size, img_size=img_size, amp=amp, compile=compile,
-            warmup=warmup, steps=bench_steps or steps, repeats=bench_repeats or 3,
-        )
-    else:
-        given = [name for name, value in (("--bench-batch-size", bench_batch_size), ("--bench-steps", bench_steps),
-                                          ("--bench-repeats", bench_repeats)) if value is not None]
-        if given:
-            raise TpoolError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --bench")
-    _, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)  # checks they exclude each other
-    names = split_names(ops)  # bad --ops fail before the demo is announced
-    work = resolve_workload(model, data, class_map, "pareto")
-    model = work.model
-    default_keeps = DEMO_KEEPS if work.demo else DEFAULT_KEEPS
-    keeps = parse_float_list(keep, "--keep") if keep is not None else (None if token_list or rs else default_keeps)
-    points = plan_points(
-        names, keeps, layer_list, token_list, rs,
-        **op_options(score=score, iters=iters, init=init, features=features),
+    timing = sweep_bench_settings(
+        dev, enabled=bench, batch_size=batch_size, img_size=img_size, amp=amp, compile=compile,
+        bench_batch_size=bench_batch_size, bench_steps=bench_steps, bench_repeats=bench_repeats,
     )
+    keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=None, r=r, sweep=True)
+    names = split_names(ops)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    # 2. the workload, the plan and the model (a bad schedule fails here, before OUT is touched)
+    work = resolve_workload(model, data, class_map, "pareto")
+    announce(work)
+    points = plan_points(names, sweep_keeps(keeps, token_list, work.demo, rs), layer_list, token_list, rs, **options)
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
+    # seeded: the same random weights on every run, so a resumed sweep stays consistent
+    loaded = load_model(work.model, weights=weights, random_init=random_init, img_size=img_size, seed=seed)
     if random_init:
-        torch.manual_seed(seed)  # the same random weights on every run, so a resumed sweep stays consistent
-    loaded = load_model(model, weights=weights, random_init=random_init, img_size=img_size)
-    if random_init:
-        loaded.weights = f"random-init (seed {seed})"  # part of a result's identity: other seed, other weights
-        stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
-    net = loaded.model
-    for point in points:  # a bad --layers/--tokens fails here, before OUT is touched
-        if point.schedule is not None:
-            point.schedule.validate(len(net.blocks), net.patch_embed.num_patches)
+        warn_random_weights()
+    validate_points(points, loaded.model)
     stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
-
+    # 3. the sweep, then what it did, the report and the exit code
     with RichSweepProgress() as progress:
         result = run_sweep(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
             compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
         )
+    _say_what_was_done(result, out)
+    if not any(r["op"] == "none" for r in result.rows):
+        sys.exit(130 if result.interrupted else 1)
+    code = finish_report(out, result.rows, fmt, gates)
+    _append_step_summary(out)
+    sys.exit(_exit_code(result, code))
+
+
+def _say_what_was_done(result: "SweepResult", out: Path) -> None:
+    """Points reused and timed, files skipped, and how an interrupted sweep resumes."""
     if result.reused:
         stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")
     if result.benched:
@@ -134,19 +128,24 @@ def pareto(
         stderr.print("[yellow]interrupted during the bench pass:[/yellow] every accuracy point is kept; rerun the same command to time the rest")
     elif result.interrupted:
         stderr.print(f"[yellow]interrupted:[/yellow] {len(result.rows)} of {result.planned} points done; rerun the same command to resume")
-    if not any(r["op"] == "none" for r in result.rows):
-        sys.exit(130 if result.interrupted else 1)
-    code = finish_report(out, result.rows, fmt, gates)
+
+
+def _append_step_summary(out: Path) -> None:
+    """In GitHub Actions, the sweep's pareto.md goes into the job summary."""
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a") as fh:
             fh.write((out / "pareto.md").read_text() + "\n")
+
+
+def _exit_code(result: "SweepResult", report_code: int) -> int:
+    """130 interrupted; 1 when the bench pass failed or an operator could not be timed (a bug to look at,
+    as in `tpool bench`); else the gates' code."""
     if result.interrupted:
-        sys.exit(130)
+        return 130
     if result.bench_failed:
         stderr.print(f"[red]error:[/red] {escape(result.bench_failed)}", highlight=False)
-        sys.exit(1)
-    if result.bench_failures:  # like `tpool bench`: an operator that cannot be timed is a bug to look at
-        sys.exit(1)
-    if code:
-        sys.exit(code)
+        return 1
+    if result.bench_failures:
+        return 1
+    return report_code

@@ -6,16 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app
 from ..cli_options import (
-    FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
+    FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
     PropAttnOpt, ROpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr, token_path
 
 
-@app.command()
 def profile(
     model: ModelOpt = "deit_small_patch16_224",
     weights: WeightsOpt = None,
@@ -30,6 +28,7 @@ def profile(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
     detail: Annotated[Optional[bool], typer.Option("--detail/--no-detail", help="Per-layer tables (default: when one configuration).")] = None,
@@ -44,7 +43,7 @@ def profile(
     if counter not in PROFILE_COUNTERS:
         raise TpoolError(f"unknown --counter {counter!r}; choose from {', '.join(PROFILE_COUNTERS)}")
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     # FLOPs do not depend on the weights: without --weights the model is built without any
     loaded = load_model(model, weights=weights, random_init=weights is None, img_size=img_size)

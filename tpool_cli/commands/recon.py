@@ -6,17 +6,15 @@ from typing import Annotated
 
 import typer
 
-from ..cli import app
 from ..cli_options import (
-    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
+    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
     parse_schedule_args, split_names,
 )
-from ..device import resolve_device
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr
+from .common import announce
 
-@app.command()
 def recon(
     model: DataModelOpt = None,
     weights: WeightsOpt = None,
@@ -32,6 +30,7 @@ def recon(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     data: DataOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Use the first N images (sorted paths).")] = 16,
     batch_size: BatchSizeOpt = 16,
@@ -40,18 +39,19 @@ def recon(
     output: OutputOpt = None,
 ) -> None:
     """Reconstruction error (Token Pooling's objective) per reducing layer, per operator, on images."""
-    from ..demo import resolve_workload
+    from ..device import resolve_device
     from ..diagnose import reconstruction_on_folder
-    from ..models import load_model
+    from ..models import load_model, resolve_workload
     from ..profile import build_configs
 
     check_format(fmt)
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         raise TpoolError("no reducing operator given (--op none reduces nothing)")
     work = resolve_workload(model, data, None, "recon")
+    announce(work)
     model, data = work.model, work.data
     if not data.is_dir():  # fail before loading a model
         raise TpoolError(f"--data must be a folder of images: {data} " + ("is a file" if data.exists() else "not found"))

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cli import app
 from ..cli_options import FailBelowOpt, FormatOpt, OutputOpt
 from ..errors import TpoolError
-from ..output import check_format, emit, make_table, stderr, stdout, to_csv, to_json
+from ..output import check_format, emit, make_table, stderr
+from .common import finish_report
 
 
 
-@app.command()
 def report(
     folders: Annotated[list[Path], typer.Argument(help="A sweep's --out folder; two folders: compare them side by side.")],
     fail_below: FailBelowOpt = None,
@@ -37,29 +36,6 @@ def report(
     if gates:
         raise TpoolError("--fail-below applies to one folder; run it on each")
     _compare(folders[0], folders[1], fmt, output)
-
-
-def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence) -> int:
-    """Write the files, print the frontier (or all points as JSON/CSV), check the gates: exit code."""
-    from ..report import check_gates, frontier_rich_table, write_report
-
-    rep = write_report(out, rows)
-    df = rep.frame
-    b = df[df["op"] == "none"].iloc[0]
-    if fmt == "json":
-        sys.stdout.write(to_json({"out": str(out), "points": rows, "frontier": df[df["frontier"]]["key"].tolist()}))
-    elif fmt == "csv":
-        sys.stdout.write(to_csv(rows))
-    else:
-        title = f"Pareto frontier (top-1 vs GMACs): {b['model']} @ {b['img_size']}px, {int(b['images'])} images, {b['dtype']} on {b['device_name']}"
-        stdout.print(frontier_rich_table(df, title))
-    stderr.print(f"wrote {', '.join(p.name for p in rep.files)} in {out}", highlight=False)
-    failures = check_gates(df, gates)
-    for message in failures:
-        stderr.print(f"[red]fail-below:[/red] {message}", highlight=False)
-    if gates and not failures:
-        stderr.print(f"[green]all {len(gates)} --fail-below gate(s) passed[/green]")
-    return 1 if failures else 0
 
 
 def _compare(a: Path, b: Path, fmt: str, output: Optional[Path]) -> None:

@@ -8,9 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..cli import app
 from ..cli_options import (
-    FeaturesOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt,
+    FeaturesOpt, OpOptOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt,
     RandomInitOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -20,7 +19,6 @@ from ..output import stderr
 DEMO_FIGURES = 3  # demo digits drawn when no IMAGE is given
 
 
-@app.command()
 def visualize(
     images: Annotated[Optional[list[Path]], typer.Argument(metavar="IMAGE", help="Image files (any format PIL reads).", show_default=False)] = None,
     model: DataModelOpt = None,
@@ -38,6 +36,7 @@ def visualize(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    op_opt: OpOptOpt = None,
     out: OutDirOpt = Path("tpool-visualize"),
     grid: Annotated[bool, typer.Option("--grid", help="One figure per image: a row per operator, a column per layer.")] = False,
     svg: Annotated[bool, typer.Option("--svg", help="Write SVG instead of PNG.")] = False,
@@ -51,7 +50,7 @@ def visualize(
     """
     from ..demo import DEMO_MODEL, demo_images
     from ..models import DEFAULT_MODEL, load_model
-    from ..ops import make_operator
+    from ..ops import make_operators
     from ..schedule import Schedule
     from ..data import check_image_paths, load_images
     from ..visualize import COLOUR_MODES, visualize as draw
@@ -65,7 +64,7 @@ def visualize(
     names = split_names(op)
     if not names:
         raise TpoolError("--ops is empty")
-    operators = [make_operator(name, **op_options(score=score, iters=iters, init=init, features=features)) for name in names]
+    operators = make_operators(names, op_options(op_opt, score=score, iters=iters, init=init, features=features))
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=0.5, r=r, sweep=False)
     if keeps is not None and len(keeps) > 1:
         raise TpoolError(f"visualize draws one schedule: give one --keep rate, got {len(keeps)}")
