@@ -37,6 +37,7 @@ from .data import (
     DecodedImages, Decoder, ImageFolder, ProgressFn, data_config, folder_loader, normalize, scan_folder,
 )
 from .errors import TpoolError
+from .distributed import combine_eval, shard
 from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .models import LoadedModel
 
@@ -215,6 +216,8 @@ def evaluate(
             f"class folder {worst!r} maps to class index {folder.max_label} ({folder.label_space}), "
             f"but the model has {num_classes} classes; pass --class-map FILE for its label space"
         )
+    if cache is None:
+        folder = shard(folder)  # under torchrun: this rank's share, after every check of the input
 
     net.eval().to(dev)
     if dev.type == "cpu":
@@ -292,12 +295,12 @@ def evaluate(
     synchronize(dev)
     elapsed = time.perf_counter() - start - (compile_seconds or 0.0)
 
-    if images == 0 and not interrupted:
+    if images == 0 and not interrupted and folder.shard is None:  # sharded: combine_eval checks all ranks
         first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise TpoolError(f"none of the {len(folder)} files under {folder.root} could be decoded as an image{first}")
     c1, c5 = int(correct1.item()), int(correct5.item())
     model_ips, timed_images, model_seconds = _model_only(timings, batch_size)
-    return EvalResult(
+    return combine_eval(EvalResult(
         top1=100.0 * c1 / images if images else float("nan"),
         top5=100.0 * c5 / images if images else float("nan"),
         images=images,
@@ -316,4 +319,4 @@ def evaluate(
         config=config,
         predictions=torch.cat(preds) if preds else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
         prediction_indices=torch.cat(pred_idx) if pred_idx else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
-    )
+    ), folder.shard)  # under torchrun: every rank's counts summed, in the global image order

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 
 from .data import ImageFolder, data_config, decode_once, fingerprint, scan_folder
+from .distributed import from_main, gather_skipped, global_progress, is_main, shard
 from .errors import TpoolError
 from .device import device_name, dtype_label, release_host_memory, resolve_amp, resolve_device
 from .evaluate import evaluate, model_config, versions
@@ -271,7 +272,7 @@ def run_sweep(
     except OSError as exc:
         raise TpoolError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     store = ResultsStore(out / RESULTS_FILE, log)
-    if not resume:
+    if not resume and is_main():  # under torchrun rank 0 alone touches the files of OUT
         from .sweep_bench import BENCH_FILE
 
         for path in (store.path, out / BENCH_FILE):  # bench figures start over with the results
@@ -306,8 +307,9 @@ def run_sweep(
     plan: dict[str, Any] = {"keys": [key for _, key in planned]}
     if bench is not None:
         plan["bench"] = bench_keys
-    write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
-    existing = {row["key"]: row for row in store.read() if "key" in row}
+    if is_main():
+        write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+    existing = from_main(lambda: {row["key"]: row for row in store.read() if "key" in row})  # the same on every rank
     done: dict[str, dict[str, Any]] = {key: existing[key] for _, key in planned if key in existing}
     pending = [(p, k) for p, k in planned if k not in done]
     progress.start(len(planned), len(done))
@@ -316,19 +318,19 @@ def run_sweep(
     if pending:
         try:
             t0 = time.perf_counter()
-            decoded = decode_once(
-                folder, cfg, batch_size=batch_size, workers=workers, cache_dir=out / "cache", storage=cache,
-                progress=progress.decode(len(folder)),
+            decoded = decode_once(  # under torchrun each rank decodes (and caches) only its share
+                shard(folder), cfg, batch_size=batch_size, workers=workers, cache_dir=out / "cache", storage=cache,
+                progress=global_progress(progress.decode(len(folder))),
             )
             decoded = decoded.to(dev)
             result.decode_seconds = time.perf_counter() - t0
             result.cache_storage = decoded.storage
-            result.skipped_files = list(decoded.skipped)
+            result.skipped_files = gather_skipped(decoded.skipped, decoded.folder.shard)
             for point, key in pending:
                 point.apply(net, prop_attn=prop_attn, seed=seed)
                 res = evaluate(
                     model, decoded, device=dev, amp=amp, batch_size=batch_size, compile=compile,
-                    progress=progress.point(point.label(depth), len(decoded) + len(decoded.skipped)),
+                    progress=global_progress(progress.point(point.label(depth), len(folder))),
                 )
                 if res.interrupted:
                     result.interrupted = True
@@ -340,7 +342,8 @@ def run_sweep(
                 )
                 if point_key(row) != key:  # the row must describe what was planned
                     raise RuntimeError(f"point {point.label(depth)}: key of the result differs from the plan")
-                store.append(row)
+                if is_main():
+                    store.append(row)
                 done[key] = row
                 result.evaluated += 1
                 progress.point_done(row)

@@ -68,6 +68,7 @@ def pareto(
     from ..data import scan_folder
     from ..demo import DEMO_KEEPS, resolve_workload
     from ..device import resolve_amp, resolve_device
+    from ..distributed import is_main, local_device, refuse
     from ..models import load_model
     from ..progress import RichSweepProgress
     from ..report import parse_gate
@@ -80,10 +81,12 @@ def pareto(
     if cache not in ("auto", "memory", "disk"):
         raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
     gates = [parse_gate(g) for g in fail_below or []]
-    dev = resolve_device(device)
+    dev = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
     resolve_amp(amp, dev)
     timing = None
     if bench:
+        refuse("--bench", "sweep without it under torchrun, then run the same `tpool pareto ... --bench` on one GPU "
+               "with the same --out: it reuses every accuracy point and times them on one device")
         _, warmup, steps = timing_defaults(dev)
         timing = BenchSettings(
             batch_size=bench_batch_size or batch_size, img_size=img_size, amp=amp, compile=compile,
@@ -124,6 +127,8 @@ def pareto(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
             compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
         )
+    if not is_main():  # under torchrun rank 0 alone reports and writes the tables and plots
+        sys.exit(130 if result.interrupted else 0)
     if result.reused:
         stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")
     if result.benched:
