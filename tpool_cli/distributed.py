@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     import torch
 
     from .data import ImageFolder
-    from .evaluate import EvalResult
+
+    EvalResult = Any  # tpool_cli.evaluate.EvalResult (not imported: evaluate imports this module)
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this fails the job (TPOOL_DIST_TIMEOUT)
 INPUT_ERROR_WAIT_S = 30.0  # a rank other than 0 with an input error waits this long for rank 0 to report it
