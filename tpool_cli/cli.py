@@ -56,11 +56,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user mistakes become one red line on stderr and a non-zero exit, no traceback."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/timm deprecation notes are not for our users
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from .distributed import error_line, prepare_process
+
+    prepare_process()  # under torchrun: ranks other than 0 print only errors
     _show_library_warnings()
     try:
         code = app(args=argv, standalone_mode=False)
     except TpoolError as exc:
-        _fail(str(exc), 2)
+        _fail(error_line(exc), 2)  # under torchrun: said once, by rank 0 (distributed.error_line)
     except (typer.Abort, KeyboardInterrupt):
         stderr.print("[red]interrupted[/red]")
         sys.exit(130)
@@ -77,9 +80,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: Optional[str], code: int) -> None:
     # the message is plain text (paths, exception texts like "[enforce fail at ...]"), not Rich markup
-    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
+    if message is not None:
+        stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(code)
 
 

@@ -62,6 +62,7 @@ class ImageFolder:
     total_files: int  # files found before --limit
     limit: Optional[int] = None
     class_map: Optional[Path] = None
+    shard: Optional[tuple[int, int]] = None  # (rank, world size) when this is one rank's share (distributed.shard)
 
     def __len__(self) -> int:
         return len(self.samples)

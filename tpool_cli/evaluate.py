@@ -37,6 +37,7 @@ from .data import (
     DecodedImages, Decoder, ImageFolder, ProgressFn, data_config, folder_loader, normalize, scan_folder,
 )
 from .errors import TpoolError
+from .distributed import combine_eval, shard
 from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .models import LoadedModel
 
@@ -216,6 +217,8 @@ def evaluate(
         raise TpoolError(f"workers must be >= 0, got {workers}")
     folder, cache = _resolve_data(data, net, class_map, limit)
     _check_labels(folder, net)
+    if cache is None:
+        folder = shard(folder)  # under torchrun: this rank's share, after every check of the input
     net.eval().to(dev)
     if dev.type == "cpu":
         steady_host_allocator()  # CPU img/s must not depend on malloc's history (see device.py)
@@ -354,13 +357,13 @@ def _assemble(
 ) -> EvalResult:
     """The :class:`EvalResult` of a finished (or interrupted) scoring loop."""
     images, skipped = scorer.images, scorer.skipped
-    if images == 0 and not scorer.interrupted:
+    if images == 0 and not scorer.interrupted and folder.shard is None:  # sharded: combine_eval checks all ranks
         first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise TpoolError(f"none of the {len(folder)} files under {folder.root} could be decoded as an image{first}")
     c1, c5 = int(scorer.correct1.item()), int(scorer.correct5.item())
     model_ips, timed_images, model_seconds = _model_only(scorer.timings, scorer.batch_size)
     empty = torch.empty(0, dtype=torch.long) if keep_predictions else None
-    return EvalResult(
+    return combine_eval(EvalResult(
         top1=100.0 * c1 / images if images else float("nan"),
         top5=100.0 * c5 / images if images else float("nan"),
         images=images,
@@ -379,4 +382,4 @@ def _assemble(
         config=config,
         predictions=torch.cat(scorer.preds) if scorer.preds else empty,
         prediction_indices=torch.cat(scorer.pred_idx) if scorer.pred_idx else empty,
-    )
+    ), folder.shard)  # under torchrun: every rank's counts summed, in the global image order

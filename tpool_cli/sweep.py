@@ -20,6 +20,7 @@ import torch
 
 from .bench import BenchSettings
 from .data import DecodedImages, ImageFolder, data_config, decode_once, fingerprint, scan_folder
+from .distributed import from_main, gather_skipped, global_progress, is_main, shard
 from .device import device_name, dtype_label, release_host_memory, resolve_amp, resolve_device
 from .errors import TpoolError
 from .evaluate import evaluate, model_config, versions
@@ -140,13 +141,14 @@ def run_sweep(
     progress = progress or SweepProgress()
     run = _prepare(model, data, out, class_map, limit, device, amp, batch_size, workers, compile, prop_attn, seed, cache)
     store = ResultsStore(run.out / RESULTS_FILE, log)
-    if not resume:
+    if not resume and is_main():  # under torchrun rank 0 alone touches the files of OUT
         _start_over(store.path, run.out / BENCH_FILE, log)
     if bench is not None:
         bench = replace(bench, amp=amp, compile=compile)  # timed in the sweep's precision and mode
     planned, bench_keys = _plan(run, points, bench)
-    write_plan(run.out, [key for _, key in planned], bench_keys if bench is not None else None)
-    existing = {row["key"]: row for row in store.read() if "key" in row}
+    if is_main():  # under torchrun rank 0 alone writes the files of OUT
+        write_plan(run.out, [key for _, key in planned], bench_keys if bench is not None else None)
+    existing = from_main(lambda: {row["key"]: row for row in store.read() if "key" in row})  # the same on every rank
     done: dict[str, dict[str, Any]] = {key: existing[key] for _, key in planned if key in existing}
     progress.start(len(planned), len(done))
     result = SweepResult(rows=[], evaluated=0, reused=len(done), planned=len(planned), interrupted=False, out=run.out)
@@ -220,19 +222,20 @@ def _accuracy_pass(
     decoded: Optional[DecodedImages] = None
     try:
         t0 = time.perf_counter()
-        decoded = decode_once(
-            run.folder, data_config(net), batch_size=run.batch_size, workers=run.workers,
-            cache_dir=run.out / "cache", storage=run.cache, progress=progress.decode(len(run.folder)),
+        decoded = decode_once(  # under torchrun each rank decodes (and caches) only its share
+            shard(run.folder), data_config(net), batch_size=run.batch_size, workers=run.workers,
+            cache_dir=run.out / "cache", storage=run.cache, progress=global_progress(progress.decode(len(run.folder))),
         ).to(run.device)
         result.decode_seconds = time.perf_counter() - t0
         result.cache_storage = decoded.storage
-        result.skipped_files = list(decoded.skipped)
+        result.skipped_files = gather_skipped(decoded.skipped, decoded.folder.shard)
         for point, key in pending:
             row = _evaluate_point(run, point, key, decoded, progress)
             if row is None:
                 result.interrupted = True
                 break
-            store.append(row)
+            if is_main():
+                store.append(row)
             done[key] = row
             result.evaluated += 1
             progress.point_done(row)
@@ -254,7 +257,7 @@ def _evaluate_point(
     label = point.label(run.depth)
     res = evaluate(
         run.model, decoded, device=run.device, amp=run.amp, batch_size=run.batch_size, compile=run.compile,
-        progress=progress.point(label, len(decoded) + len(decoded.skipped)),
+        progress=global_progress(progress.point(label, len(run.folder))),  # under torchrun: every rank's images
     )
     if res.interrupted:
         return None

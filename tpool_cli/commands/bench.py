@@ -53,10 +53,14 @@ def bench(
     """
     from ..bench import BenchSettings, bench as run_bench, timing_defaults
     from ..device import resolve_amp, resolve_device
+    from ..distributed import refuse
     from ..models import load_model
     from ..profile import build_configs
 
     check_format(fmt)
+    refuse("tpool bench", "it times one device on synthetic batches, and copies timed at once on one node would "
+           "measure their contention; run it once per GPU without torchrun (CUDA_VISIBLE_DEVICES=i tpool bench ...), "
+           "or `torchrun ... -m tpool_cli evaluate` for the aggregate img/s of all ranks on real images")
     dev = resolve_device(device)
     resolve_amp(amp, dev)  # a bad --amp fails before the model is built
     default_batch, default_warmup, default_steps = timing_defaults(dev)

@@ -47,6 +47,7 @@ def evaluate(
     from ..data import scan_folder
     from ..evaluate import evaluate as run_evaluate
     from ..device import resolve_amp, resolve_device
+    from ..distributed import global_progress, is_main, local_device
     from ..flops import count_flops
     from ..models import load_model, resolve_workload
     from ..patch import capped_blocks, patch
@@ -54,7 +55,7 @@ def evaluate(
     from ..progress import image_progress
 
     check_format(fmt)
-    dev = resolve_device(device)
+    dev = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
     resolve_amp(amp, dev)
     names = split_names(op) or ["none"]
     if len(names) > 1:
@@ -82,7 +83,8 @@ def evaluate(
 
     with image_progress(f"{model} {names[0]}", len(folder)) as advance:
         result = run_evaluate(
-            loaded, folder, device=dev, amp=amp, batch_size=batch_size, workers=workers, compile=compile, progress=advance
+            loaded, folder, device=dev, amp=amp, batch_size=batch_size, workers=workers, compile=compile,
+            progress=global_progress(advance),  # under torchrun: every rank's images on rank 0's bar
         )
 
     row = result.row()
@@ -95,7 +97,8 @@ def evaluate(
         stderr.print(f"[yellow]interrupted:[/yellow] results cover {result.images} of {result.files} files")
     csv_row = {k: v for k, v in row.items() if k != "skipped_files"}
     csv_row["skipped_files"] = [s["path"] for s in result.skipped]
-    emit(row, [csv_row], fmt, output, [_table(row)])
+    if is_main():  # under torchrun rank 0 alone prints and writes --output
+        emit(row, [csv_row], fmt, output, [_table(row)])
     if result.interrupted:
         sys.exit(130)
 

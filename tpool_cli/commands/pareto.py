@@ -69,6 +69,7 @@ def pareto(
     """Sweep operators x keep rates (baseline included): accuracy per GMAC, Pareto frontier, tables, plots."""
     from ..data import scan_folder
     from ..device import resolve_amp, resolve_device
+    from ..distributed import is_main, local_device, refuse
     from ..models import load_model, resolve_workload
     from ..progress import RichSweepProgress
     from ..report import parse_gate
@@ -81,8 +82,11 @@ def pareto(
     if cache not in ("auto", "memory", "disk"):
         raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
     gates = [parse_gate(g) for g in fail_below or []]
-    dev = resolve_device(device)
+    dev = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
     resolve_amp(amp, dev)
+    if bench:
+        refuse("--bench", "sweep without it under torchrun, then run the same `tpool pareto ... --bench` on one GPU "
+               "with the same --out: it reuses every accuracy point and times them on one device")
     timing = sweep_bench_settings(
         dev, enabled=bench, batch_size=batch_size, img_size=img_size, amp=amp, compile=compile,
         bench_batch_size=bench_batch_size, bench_steps=bench_steps, bench_repeats=bench_repeats,
@@ -107,6 +111,8 @@ def pareto(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
             compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
         )
+    if not is_main():  # under torchrun rank 0 alone reports and writes the tables and plots
+        sys.exit(130 if result.interrupted else 0)
     _say_what_was_done(result, out)
     if not any(r["op"] == "none" for r in result.rows):
         sys.exit(130 if result.interrupted else 1)

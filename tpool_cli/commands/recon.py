@@ -40,7 +40,7 @@ def recon(
 ) -> None:
     """Reconstruction error (Token Pooling's objective) per reducing layer, per operator, on images."""
     from ..device import resolve_device
-    from ..diagnose import reconstruction_on_folder
+    from ..distributed import is_main, local_device, reconstruction_on_folder  # sharded under torchrun
     from ..models import load_model, resolve_workload
     from ..profile import build_configs
 
@@ -58,7 +58,7 @@ def recon(
     import torch
 
     torch.manual_seed(seed)  # --random-init weights are then reproducible too
-    loaded = load_model(model, weights=weights, random_init=random_init, device=resolve_device(device))
+    loaded = load_model(model, weights=weights, random_init=random_init, device=local_device(resolve_device(device)))
     stderr.print(f"[dim]{model} ({loaded.weights}): {len(configs)} configuration(s) on up to {limit} image(s) from {data}[/dim]")
     rows = reconstruction_on_folder(
         loaded.model, data, configs, limit=limit, batch_size=batch_size, prop_attn=prop_attn, seed=seed
@@ -73,4 +73,5 @@ def recon(
         [(r["op"], r["schedule"], r["layer"], r["tokens_in"], r["tokens_out"], r["recon"], r["recon_weighted"]) for r in rows],
         caption="recon = sum_i s_i min_k ||x_i - y_k||^2 / sum_i s_i (s = token sizes); weighted: s_i x significance_i",
     )
-    emit({"model": model, "weights": loaded.weights, "images": images, "results": rows}, rows, fmt, output, [table])
+    if is_main():  # under torchrun rank 0 alone prints
+        emit({"model": model, "weights": loaded.weights, "images": images, "results": rows}, rows, fmt, output, [table])
