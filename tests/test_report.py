@@ -201,7 +201,7 @@ def test_bench_figures_replace_the_model_only_speed(tmp_path):
     assert df.loc["topk-0.7", "speedup"] == 1.3  # not model-only 1400/1000
     assert df.loc["grid-0.5", "frontier_speed"] and not df.loc["topk-0.5", "frontier_speed"]  # slower than topk-0.7, worse
     headers, cells = point_table(results_frame(bench))
-    assert headers[-3:] == ["bench img/s", "speedup", "of ideal"] and headers.count("speedup") == 1
+    assert headers[-5:] == ["bench img/s", "spread", "speedup", "of ideal", "notes"] and headers.count("speedup") == 1
     md = write_report(tmp_path, bench)
     text = (tmp_path / "pareto.md").read_text()
     assert "- bench: 500 img/s baseline; batch 8, bf16, eager, median of 3 runs of 5 calls" in text

@@ -39,6 +39,8 @@ from .data import (
 from .errors import TpoolError
 from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .models import LoadedModel
+from .speedflags import eval_speed_fields, machine_load
+from .stats import interval_fields
 
 def versions() -> dict[str, str]:
     """Library versions a result depends on."""
@@ -73,6 +75,7 @@ class EvalResult:
     config: dict[str, Any] = field(default_factory=dict)
     predictions: Optional[torch.Tensor] = None  # top-1 class per evaluated image (keep_predictions)
     prediction_indices: Optional[torch.Tensor] = None  # sample index of each prediction
+    batch_timings: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per timed batch
 
     def row(self, skipped_paths: bool = True) -> dict[str, Any]:
         """The configuration and the measurements as one JSON-able row."""
@@ -90,6 +93,8 @@ class EvalResult:
             compile_s=round(self.compile_seconds, 3) if self.compile_seconds is not None else None,
             interrupted=self.interrupted,
         )
+        row.update(eval_speed_fields(self.batch_timings, row))  # spread and flag of model_only_img_s
+        row.update(interval_fields(self.correct1, self.correct5, self.images))  # 95% intervals (stats.py)
         if skipped_paths:
             row["skipped_files"] = self.skipped
         return row
@@ -291,6 +296,7 @@ def evaluate(
         interrupted = True
     synchronize(dev)
     elapsed = time.perf_counter() - start - (compile_seconds or 0.0)
+    config["speed_load"] = machine_load(dev.type, torch.get_num_threads(), dev.index or 0)  # see speedflags.py
 
     if images == 0 and not interrupted:
         first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
@@ -314,6 +320,7 @@ def evaluate(
         compile_seconds=compile_seconds,
         interrupted=interrupted,
         config=config,
+        batch_timings=timings,
         predictions=torch.cat(preds) if preds else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
         prediction_indices=torch.cat(pred_idx) if pred_idx else (torch.empty(0, dtype=torch.long) if keep_predictions else None),
     )

@@ -25,12 +25,14 @@ from .data import ImageFolder, data_config, decode_once, fingerprint, scan_folde
 from .errors import TpoolError
 from .device import device_name, dtype_label, release_host_memory, resolve_amp, resolve_device
 from .evaluate import evaluate, model_config, versions
+from .lock import holds_out_lock
 from .models import LoadedModel
 from .output import write_text
 from .ops import TokenOperator
 from .patch import patch, unpatch
 from .profile import build_configs
 from .schedule import Schedule
+from .stats import correct_record
 
 if TYPE_CHECKING:
     from .bench import BenchSettings
@@ -234,6 +236,7 @@ class SweepResult:
     bench_failed: Optional[str] = None  # why the bench pass could not time the baseline
 
 
+@holds_out_lock  # one sweep per folder (see lock.py)
 def run_sweep(
     model: LoadedModel,
     data: str | Path | ImageFolder,
@@ -252,6 +255,7 @@ def run_sweep(
     seed: int = 0,
     cache: str = "auto",
     bench: Optional["BenchSettings"] = None,
+    retime: bool = False,
     progress: Optional[SweepProgress] = None,
     log: Log = _stderr_log,
 ) -> SweepResult:
@@ -261,7 +265,9 @@ def run_sweep(
     (``results.jsonl.old``, then ``.old.2``..., never overwriting one) and starts over.
     ``cache``: where the decoded images live ('auto', 'memory', 'disk' under ``out/cache``).
     ``bench``: after the accuracy pass, time every point as ``tpool bench`` does (see
-    :mod:`tpool_cli.sweep_bench`) and add those figures to the rows.
+    :mod:`tpool_cli.sweep_bench`) and add those figures to the rows; ``retime``: time every point
+    again, those already in ``bench.jsonl`` included (the newer figures win).
+    The folder is locked for the call (:mod:`tpool_cli.lock`): a second sweep on it fails at once.
     Ctrl-C stops after recording the points finished so far (``interrupted=True``).
     """
     progress = progress or SweepProgress()
@@ -328,12 +334,13 @@ def run_sweep(
                 point.apply(net, prop_attn=prop_attn, seed=seed)
                 res = evaluate(
                     model, decoded, device=dev, amp=amp, batch_size=batch_size, compile=compile,
-                    progress=progress.point(point.label(depth), len(decoded) + len(decoded.skipped)),
+                    progress=progress.point(point.label(depth), len(decoded) + len(decoded.skipped)), keep_predictions=True,
                 )
                 if res.interrupted:
                     result.interrupted = True
                     break
                 row = res.row(skipped_paths=False)
+                row["correct1_bits"] = correct_record(res, folder)  # per-image top-1, to pair points (stats.py)
                 row.update(
                     key=key, data_fingerprint=fp, point=point.label(depth), cache=decoded.storage,
                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -360,7 +367,7 @@ def run_sweep(
             try:
                 result.benched, result.bench_failures = bench_points(
                     net, planned, bench_keys, bench, dev, out, prop_attn=prop_attn, seed=seed, progress=progress.bench,
-                    start=progress.bench_start, log=log,
+                    start=progress.bench_start, log=log, retime=retime,
                 )
             except KeyboardInterrupt:
                 result.interrupted = result.bench_interrupted = True

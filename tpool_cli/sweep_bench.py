@@ -31,6 +31,7 @@ from .bench import BenchReport, BenchRow, BenchSettings, Variant, bench
 from .device import device_name, dtype_label
 from .errors import TpoolError
 from .schedule import Schedule
+from .speedflags import bench_speed_fields
 from .sweep import Log, Point, ResultsStore, point_identity
 
 BENCH_FILE = "bench.jsonl"
@@ -43,7 +44,7 @@ MERGED_FIELDS = (
     "bench_img_s", "bench_baseline_img_s", "bench_ideal_img_s", "bench_vs_baseline", "bench_vs_ideal",
     "bench_ideal_vs_baseline", "bench_compile_s", "bench_error", "bench_run", "bench_batch_size", "bench_dtype",
     "bench_compile", "bench_steps", "bench_repeats",
-)
+) + ("bench_runs_img_s", "bench_spread", "bench_load", "bench_flag")  # speedflags.py: spread, load, flag
 
 
 def bench_key(ident: dict[str, Any], settings: BenchSettings, dtype: str) -> str:
@@ -92,6 +93,7 @@ def bench_row(key: str, point: Point, result: BenchRow, report: BenchReport, run
         "bench_repeats": s.repeats,
         "device_name": report.device_name,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **bench_speed_fields(r["op_runs_img_s"], report.device.type),
     }
 
 
@@ -127,6 +129,7 @@ def bench_points(
     progress: Optional[Callable[[str], None]] = None,
     start: Optional[Callable[[int], Callable[[int], None]]] = None,
     log: Log = print,
+    retime: bool = False,
 ) -> tuple[int, int]:
     """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
 
@@ -136,11 +139,14 @@ def bench_points(
     ``bench_error`` (timed again by the next call); a baseline that cannot run raises
     :class:`tpool_cli.errors.TpoolError` (after writing what it could). ``start(total)`` is called
     once with the number of updates to come (baseline, each point, each timed round in eager mode)
-    and returns the callback that advances a progress bar by them. Returns (points timed, of which
+    and returns the callback that advances a progress bar by them. ``retime`` times every planned
+    point again, good rows included (``tpool pareto --retime``). Returns (points timed, of which
     failed).
     """
     store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
     good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
+    if retime:  # `--retime`: every planned point is timed again; the newer row wins (keep="last")
+        good = set()
     missing = [(p, k) for p, k in planned if keys[k] not in good]
     if not missing:
         return 0, 0

@@ -9,7 +9,7 @@ import typer
 from ..cli import app
 from ..cli_options import (
     AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
-    OpsOpt, OutputOpt, PropAttnOpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
+    OpsOpt, OutputOpt, PropAttnOpt, ScoreOpt, SeedOpt, ThreadsOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
 
@@ -45,6 +45,7 @@ def bench(
     features: FeaturesOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    threads: ThreadsOpt = None,
 ) -> int:
     """Images per second: the unpatched baseline, the ideal (same token counts, reduction free) and the operator.
 
@@ -55,8 +56,10 @@ def bench(
     from ..device import resolve_amp, resolve_device
     from ..models import load_model
     from ..profile import build_configs
+    from ..threads import set_threads
 
     check_format(fmt)
+    set_threads(threads)
     dev = resolve_device(device)
     resolve_amp(amp, dev)  # a bad --amp fails before the model is built
     default_batch, default_warmup, default_steps = timing_defaults(dev)

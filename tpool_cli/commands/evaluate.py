@@ -11,7 +11,7 @@ from ..cli import app
 from ..cli_options import (
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
-    TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
+    ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr, token_path
@@ -45,6 +45,7 @@ def evaluate(
     compile: CompileOpt = False,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
     from ..data import scan_folder
@@ -56,8 +57,10 @@ def evaluate(
     from ..patch import patch
     from ..profile import build_configs
     from ..progress import image_progress
+    from ..threads import set_threads
 
     check_format(fmt)
+    set_threads(threads)
     dev = resolve_device(device)
     resolve_amp(amp, dev)
     names = split_names(op) or ["none"]

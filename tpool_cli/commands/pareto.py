@@ -16,7 +16,7 @@ from ..cli_options import (
     FailBelowOpt,
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, RandomInitOpt, ScoreOpt, SeedOpt,
-    TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
+    ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, stderr
@@ -26,6 +26,7 @@ CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, me
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also time every point as `tpool bench` does (baseline and ideal in the same run); the speed plot uses these figures.")]
 BenchBatchOpt = Annotated[Optional[int], typer.Option("--bench-batch-size", min=1, help="Synthetic batch of --bench (default: --batch-size).")]
 BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, help="Timed calls per run with --bench (default 50 on CUDA, 5 on CPU).")]
+RetimeOpt = Annotated[bool, typer.Option("--retime", help="Time every point again with the bench pass (implies --bench), those already timed included; the newer figures win.")]
 BenchRepeatsOpt = Annotated[Optional[int], typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench (default 3); the median is kept.")]
 
 
@@ -60,6 +61,8 @@ def pareto(
     bench_batch_size: BenchBatchOpt = None,
     bench_steps: BenchStepsOpt = None,
     bench_repeats: BenchRepeatsOpt = None,
+    retime: RetimeOpt = False,
+    threads: ThreadsOpt = None,
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
@@ -72,11 +75,15 @@ def pareto(
     from ..progress import RichSweepProgress
     from ..report import parse_gate
     from ..schedule import parse_float_list, parse_int_list
+    from ..lock import SweepLock
     from ..sweep import DEFAULT_KEEPS, plan_points, run_sweep
+    from ..threads import set_threads
     from .evaluate import RANDOM_WEIGHTS_NOTE
     from .report import finish_report
 
     check_format(fmt)
+    set_threads(threads)
+    bench = bench or retime
     if cache not in ("auto", "memory", "disk"):
         raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
     gates = [parse_gate(g) for g in fail_below or []]
@@ -117,12 +124,13 @@ def pareto(
     for point in points:  # a bad --layers/--tokens fails here, before OUT is touched
         if point.schedule is not None:
             point.schedule.validate(len(net.blocks), net.patch_embed.num_patches)
+    lock = SweepLock.acquire(out)  # noqa: F841  a second sweep on OUT fails here, before any work (lock.py)
     stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
 
     with RichSweepProgress() as progress:
         result = run_sweep(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
-            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
+            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, retime=retime, progress=progress,
         )
     if result.reused:
         stderr.print(f"reused {result.reused} point(s) from {out / 'results.jsonl'}; evaluated {result.evaluated}")

@@ -21,6 +21,7 @@ def report(
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="Every row of results.jsonl, not only the latest sweep's plan.")] = False,
 ) -> None:
     """Rebuild results.csv, pareto.md and the plots of a sweep from its results.jsonl (no evaluation)."""
     from ..report import load_rows, parse_gate
@@ -30,7 +31,7 @@ def report(
     if len(folders) == 1:
         if output is not None:
             raise TpoolError("--output is for comparisons (tpool report A B); one folder is rebuilt in place")
-        code = finish_report(folders[0], load_rows(folders[0]), fmt, gates)
+        code = finish_report(folders[0], load_rows(folders[0], all_rows=all_rows), fmt, gates, all_rows=all_rows)
         sys.exit(code)
     if len(folders) != 2:
         raise TpoolError(f"tpool report takes one folder (rebuild) or two (compare), got {len(folders)}")
@@ -39,11 +40,13 @@ def report(
     _compare(folders[0], folders[1], fmt, output)
 
 
-def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence) -> int:
+def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence, all_rows: bool = False) -> int:
     """Write the files, print the frontier (or all points as JSON/CSV), check the gates: exit code."""
     from ..report import check_gates, frontier_rich_table, write_report
 
-    rep = write_report(out, rows)
+    rep = write_report(out, rows, all_rows=all_rows)
+    if rep.coverage.partial:
+        stderr.print(f"[yellow]{rep.coverage.banner()}[/yellow] in {out}: the report covers what is done", highlight=False)
     df = rep.frame
     b = df[df["op"] == "none"].iloc[0]
     if fmt == "json":
