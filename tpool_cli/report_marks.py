@@ -21,6 +21,7 @@ Functions of a results frame (pandas, no torch), used by :mod:`tpool_cli.report`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,17 +34,17 @@ from .speedflags import row_flag
 def _count(row: pd.Series, field: str, pct: str) -> Optional[int]:
     """A row's correct count (``correct1``), or one recovered from its percentage (older rows)."""
     value = row.get(field)
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+    if _real(value):
         return int(value)
     images, top = row.get("images"), row.get(pct)
-    if isinstance(images, (int, float)) and isinstance(top, (int, float)) and not math.isnan(top) and images > 0:
-        return int(round(top * images / 100.0))
+    if _real(images) and _real(top) and images > 0:
+        return int(round(float(top) * float(images) / 100.0))
     return None
 
 
 def _images(row: pd.Series) -> int:
     n = row.get("images")
-    return int(n) if isinstance(n, (int, float)) and not (isinstance(n, float) and math.isnan(n)) else 0
+    return int(n) if _real(n) else 0
 
 
 def compare_rows(a: pd.Series, b: pd.Series) -> dict[str, Any]:
@@ -95,7 +96,8 @@ def mark_capped(df: pd.DataFrame) -> None:
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+    """A number that is not NaN (Python or numpy scalars; bools are not numbers here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(float(value))
 
 
 def mark_speed(df: pd.DataFrame, bench: bool) -> None:
