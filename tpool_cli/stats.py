@@ -37,7 +37,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the edges (rounding would give 0.9999...)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def wilson_pct(k: int, n: int) -> tuple[float, float]:
