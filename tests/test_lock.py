@@ -13,12 +13,25 @@ import pytest
 from tpool_cli.errors import TpoolError
 from tpool_cli.lock import LOCK_FILE, SweepLock
 
+# Another sweep, as lock.py holds the lock (flock on OUT/.tpool.lock, holder named in the file),
+# in plain Python: importing tpool_cli would load torch, seconds per process on a shared machine.
 HOLD = """
-import sys, time
-from tpool_cli.lock import SweepLock
-lock = SweepLock.acquire(sys.argv[1], command="tpool pareto --out " + sys.argv[1])
+import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(os.path.join(sys.argv[1], ".tpool.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 0)
+os.write(fd, f"pid {os.getpid()} (tpool pareto --out {sys.argv[1]})\\n".encode())
 print("locked", flush=True)
 time.sleep(120)
+"""
+PROBE = """
+import fcntl, os, sys
+fd = os.open(os.path.join(sys.argv[1], ".tpool.lock"), os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(3)
 """
 
 
@@ -74,9 +87,9 @@ def test_the_lock_is_re_entrant_in_one_process_and_released_by_the_last_holder(t
     outer = SweepLock.acquire(tmp_path)
     with SweepLock.acquire(tmp_path):  # run_sweep inside the command that already holds it
         pass
-    probe = [sys.executable, "-c", "import sys; from tpool_cli.lock import SweepLock; SweepLock.acquire(sys.argv[1])", str(tmp_path)]
+    probe = [sys.executable, "-c", PROBE, str(tmp_path)]
     held = subprocess.run(probe, env=_env(), capture_output=True, text=True, timeout=60)
-    assert held.returncode != 0 and "in use by another sweep" in held.stderr
+    assert held.returncode == 3  # still held by `outer`
     outer.release()
     outer.release()  # idempotent
     free = subprocess.run(probe, env=_env(), capture_output=True, text=True, timeout=60)
