@@ -81,3 +81,35 @@ def test_correct_bits_are_in_sample_order_and_records_must_cover_the_images():
     assert stats.decode_bits(bits, 4) == [True, True, False, True]
     assert stats.paired_p(bits, None, 4) is None
     assert stats.paired_p(bits, stats.encode_bits([True] * 20), 4) is None  # other images: not paired
+
+
+def test_thread_policy_sets_passive_waiting_only_on_shared_cores_and_never_over_a_choice(monkeypatch):
+    import sys
+
+    from tpool_cli import threads
+    from tpool_cli.errors import TpoolError
+
+    monkeypatch.delitem(sys.modules, "torch")  # as at `tpool` start-up, before torch is imported
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    env: dict[str, str] = {}
+    assert threads.early_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.early_policy(chosen) is None and chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    idle: dict[str, str] = {}
+    assert threads.early_policy(idle) is None and idle == {}
+    assert threads.parse_threads("3") == 3 and threads.parse_threads(None) is None
+    with pytest.raises(TpoolError, match="--threads must be >= 1"):
+        threads.parse_threads(0)
+
+
+def test_speed_flags_name_their_reasons():
+    from tpool_cli import speedflags
+
+    assert speedflags.spread([100.0, 110.0, 90.0]) == 0.2 and speedflags.spread([5.0]) is None
+    assert speedflags.speed_flag(0.2, {"load1": 2.3, "cores": 2}) is None  # tpool's own 2 threads on 2 cores
+    assert speedflags.speed_flag(0.41, {"load1": 3.1, "cores": 2}) == "noisy: spread 41%; busy: load 3.10 on 2 cores"
+    assert speedflags.speed_flag(None, {"gpu_other_procs": 2}) == "busy: 2 other process(es) on the GPU"
+    assert speedflags.speed_flag(None, {"gpu_other_procs": None}) is None  # no nvidia-smi: cannot tell, not flagged
+    timings = [(4, 1.0)] + [(4, 0.04)] * 6 + [(4, 0.4)] + [(2, 0.01)]  # warm-up, steady, one slow batch, partial
+    assert speedflags.batch_spread(timings, 4) == 0.0  # the inter-quartile range ignores the one outlier
