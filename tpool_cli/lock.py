@@ -35,7 +35,7 @@ def _describe_holder(path: Path) -> str:
 
 
 class SweepLock:
-    """The held lock of one folder; :meth:`release` (or the process's exit) frees it."""
+    """The held lock of one folder; :meth:`release`, dropping the object, or the process's exit frees it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -93,6 +93,12 @@ class SweepLock:
             except OSError:
                 pass
             os.close(entry[0])  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:  # a holder dropped without release (a command returning): give it back
+        try:
+            self.release()
+        except Exception:
+            pass
 
     def __enter__(self) -> "SweepLock":
         return self
