@@ -201,7 +201,7 @@ def test_bench_figures_replace_the_model_only_speed(tmp_path):
     assert df.loc["topk-0.7", "speedup"] == 1.3  # not model-only 1400/1000
     assert df.loc["grid-0.5", "frontier_speed"] and not df.loc["topk-0.5", "frontier_speed"]  # slower than topk-0.7, worse
     headers, cells = point_table(results_frame(bench))
-    assert headers[-3:] == ["bench img/s", "speedup", "of ideal"] and headers.count("speedup") == 1
+    assert headers[-5:] == ["bench img/s", "spread", "speedup", "of ideal", "notes"] and headers.count("speedup") == 1
     md = write_report(tmp_path, bench)
     text = (tmp_path / "pareto.md").read_text()
     assert "- bench: 500 img/s baseline; batch 8, bf16, eager, median of 3 runs of 5 calls" in text
@@ -222,3 +222,122 @@ def test_compare_uses_bench_figures_when_both_sweeps_have_them():
     assert both["speed_ratio"].tolist() == [3.0] * len(ROWS) and "bench_img_s_a" in both.columns
     one = compare(results_frame(benched(ROWS, 1.0)), results_frame(ROWS))  # only A has them: model-only for both
     assert one["speed_ratio"].tolist() == [1.0] * len(ROWS) and "bench_img_s_a" not in one.columns
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: intervals, paired tests, capped points, speed flags, stable styles, partial, --all
+
+
+def test_old_rows_render_unpaired_with_intervals(tmp_path):
+    """Rows written before per-image records existed: intervals from their counts, tests marked unpaired."""
+    df = results_frame(ROWS)
+    top = df[df["key"] == "topk-0.5"].iloc[0]
+    assert (top["top1_lo"], top["top1_hi"]) == (66.77, 83.31)  # Wilson of 76/100 (scipy binomtest agrees)
+    assert top["paired"] is False and top["_p_base"].endswith(" (u)") and "unpaired" in top["_notes"]
+    write_report(tmp_path, ROWS)
+    text = (tmp_path / "pareto.md").read_text()
+    assert "| topk | keep=0.5@3,6,9 | 2.5000 | 45.7 | 100 | 76.00 | [66.77, 83.31] | -3.80 | — |" in text
+    assert "_notes" not in (tmp_path / "results.csv").read_text().splitlines()[0]  # table text stays out of the CSV
+
+
+def test_paired_rows_carry_flips_and_the_exact_p_value():
+    from tpool_cli.stats import encode_bits
+
+    n = 100
+    base_bits = [i < 80 for i in range(n)]  # 80 right
+    op_bits = [(i < 80 and i >= 10) or 90 <= i < 93 for i in range(n)]  # loses 10, gains 3: 73 right
+    rows = [dict(ROWS[0], top1=80.0, correct1=80, correct1_bits=encode_bits(base_bits)),
+            dict(ROWS[1], top1=73.0, correct1=73, correct1_bits=encode_bits(op_bits))]
+    r = results_frame(rows).set_index("key").loc["topk-0.9"]
+    assert (r["gain"], r["loss"], r["paired"]) == (3, 10, True)
+    assert r["p_base"] == round(2 * 378 / 8192, 6) and r["_p_base"] == "0.092" and r["_flips"] == "+3/−10"
+
+
+def test_points_beyond_a_cap_are_marked_once_and_off_the_frontier():
+    rows = [ROWS[0], row("tome", 0.5, 2.4, 77.0, patch_tokens=[196, 98]), row("tome", 0.3, 2.4, 77.0, patch_tokens=[196, 98]),
+            row("tome", 0.7, 3.2, 78.0, patch_tokens=[196, 137])]
+    df = results_frame(rows).set_index("key")
+    assert df.loc["tome-0.3", "capped"] and df.loc["tome-0.3", "capped_as"] == "keep=0.5@3,6,9"
+    assert not df.loc["tome-0.5", "capped"] and not df.loc["tome-0.7", "capped"]
+    assert df.loc["tome-0.5", "frontier"] and not df.loc["tome-0.3", "frontier"]
+    assert "capped (= keep=0.5@3,6,9)" in df.loc["tome-0.3", "_notes"]
+
+
+def test_flagged_speeds_are_noted_and_bench_flags_follow_their_runs():
+    rows = [dict(ROWS[0], speed_flag="busy: load 3.10 on 2 cores", model_only_spread=0.05), ROWS[1]]
+    df = results_frame(rows)
+    assert df.loc[0, "_notes"] == "speed busy: load 3.10 on 2 cores" and df.loc[0, "_spread"] == "5%"
+    assert not isinstance(df.loc[1, "speed_note"], str) and df.loc[1, "_notes"] == "unpaired"
+    bench = [dict(r, bench_img_s=500.0, bench_vs_baseline=1.0, bench_vs_ideal=1.0, bench_batch_size=8, bench_dtype="fp32",
+                  bench_compile=False, bench_steps=5, bench_repeats=3, bench_runs_img_s=runs)
+             for r, runs in ((ROWS[0], [500.0, 505.0, 498.0]), (ROWS[1], [300.0, 500.0, 510.0]))]  # old bench rows: no flag stored
+    df = results_frame(bench)
+    assert not isinstance(df.loc[0, "speed_note"], str) and df.loc[1, "speed_note"] == "noisy: spread 42%"
+
+
+def test_operator_colours_are_fixed_across_sweeps_with_other_operator_sets():
+    from matplotlib.figure import Figure
+
+    from tpool_cli.ops import operator_names
+    from tpool_cli.report import _draw_operators
+    from tpool_cli.style import OPERATOR_ORDER, op_style
+
+    assert list(OPERATOR_ORDER) == [n for n in operator_names() if n != "none"]
+
+    def colours(rows):
+        ax = Figure().add_subplot()
+        _draw_operators(ax, results_frame(rows), "gmacs", hollow_flagged=False)
+        return {c.get_label(): c.lines[0].get_color() for c in ax.containers}
+
+    a = colours([ROWS[0], row("kmeans", 0.5, 2.5, 76.0), row("tome", 0.5, 2.4, 77.0)])
+    b = colours([ROWS[0], row("grid", 0.5, 2.5, 75.0), row("topk", 0.5, 2.5, 74.0), row("kmeans", 0.5, 2.5, 76.0)])
+    assert a["kmeans"] == b["kmeans"] == op_style("kmeans")["color"] and a["tome"] != a["kmeans"]
+    assert op_style("kmeans(iters=3)") == op_style("kmeans") and op_style("new_op") == op_style("new_op")
+
+
+def test_report_all_renders_every_row_and_the_default_counts_what_it_leaves_out(tmp_path):
+    store = ResultsStore(tmp_path / "results.jsonl")
+    for r in ROWS:
+        store.append(r)
+    latest = [ROWS[0]["key"], ROWS[4]["key"]]  # a later `--ops grid --keep 0.9` into the same folder
+    (tmp_path / "plan.json").write_text(json.dumps({"keys": latest}))
+    logged: list[str] = []
+    assert len(load_rows(tmp_path, logged.append)) == 2
+    assert any("leaving out 5" in m and "--all" in m for m in logged)
+    write_report(tmp_path)
+    assert "results.jsonl holds 5 more row(s) of other plans" in (tmp_path / "pareto.md").read_text()
+    rep = write_report(tmp_path, all_rows=True)
+    assert len(rep.frame) == len(ROWS) and not rep.coverage.partial
+    assert "every row of results.jsonl (`tpool report --all`)" in (tmp_path / "pareto.md").read_text()
+
+
+def test_an_interrupted_sweep_reports_partial(tmp_path):
+    from imagefolders import CKPT_MODEL, random_checkpoint, small_label_space
+    from tpool_cli.models import load_model
+    from tpool_cli.sweep import SweepProgress, plan_points, run_sweep
+
+    class StopAtThird(SweepProgress):
+        def __init__(self):
+            self.points = 0
+
+        def point(self, label, total_images):
+            self.points += 1
+            if self.points == 3:
+                def stop(n):
+                    raise KeyboardInterrupt
+                return stop
+            return lambda n: None
+
+    data, class_map = small_label_space(tmp_path / "data")
+    loaded = load_model(CKPT_MODEL, weights=random_checkpoint(tmp_path / "w.safetensors", img_size=32, classes=10), img_size=32)
+    points = plan_points(["topk", "grid"], [0.7, 0.5])
+    result = run_sweep(loaded, data, points, tmp_path / "out", class_map=class_map, limit=4, batch_size=4, workers=0,
+                       progress=StopAtThird(), log=lambda m: None)
+    assert result.interrupted and len(result.rows) == 2 and result.planned == 5
+    assert all(isinstance(r["correct1_bits"], str) for r in result.rows)
+    rep = write_report(tmp_path / "out", result.rows)
+    assert rep.coverage.banner() == "partial: 2 of 5 points"
+    assert "> **partial: 2 of 5 points**" in (tmp_path / "out" / "pareto.md").read_text()
+    assert b"PARTIAL: 2 OF 5 POINTS" in (tmp_path / "out" / "top1_vs_gmacs.svg").read_bytes()  # the banner on the plot
+    write_report(tmp_path / "out")  # `tpool report` later: the same banner from plan.json
+    assert "> **partial: 2 of 5 points**" in (tmp_path / "out" / "pareto.md").read_text()

@@ -6,6 +6,9 @@ Importing the package imports nothing else: neither the CLI (:mod:`tpool_cli.cli
 :mod:`tpool_cli.models` (where model names are resolved) imports.
 """
 
+from .threads import early_policy as _early_policy
+
+_early_policy()  # before torch is imported: passive OpenMP waiting on shared cores (threads.py)
 
 def __getattr__(name: str):
     if name == "__version__":

@@ -13,6 +13,7 @@ import typer
 from .errors import TpoolError
 from .schedule import parse_float_list, parse_int_list, parse_r
 
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU intra-op threads (default: torch's, one per core; or TPOOL_THREADS); see docs/benchmarks.md.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="timm model name (ViT/DeiT family).")]
 # Commands that run on data: no --model and no --data = the built-in demo (model + digits test images).
 DataModelOpt = Annotated[

@@ -40,6 +40,8 @@ from .errors import TpoolError
 from .distributed import combine_eval, shard
 from .device import device_name, dtype_label, resolve_amp, resolve_device, steady_host_allocator, synchronize
 from .models import LoadedModel
+from .speedflags import eval_speed_fields, machine_load
+from .stats import interval_fields
 
 def versions() -> dict[str, str]:
     """Library versions a result depends on."""
@@ -74,6 +76,7 @@ class EvalResult:
     config: dict[str, Any] = field(default_factory=dict)
     predictions: Optional[torch.Tensor] = None  # top-1 class per evaluated image (keep_predictions)
     prediction_indices: Optional[torch.Tensor] = None  # sample index of each prediction
+    batch_timings: list[tuple[int, float]] = field(default_factory=list)  # (images, seconds) per timed batch
 
     def row(self, skipped_paths: bool = True) -> dict[str, Any]:
         """The configuration and the measurements as one JSON-able row."""
@@ -91,6 +94,8 @@ class EvalResult:
             compile_s=round(self.compile_seconds, 3) if self.compile_seconds is not None else None,
             interrupted=self.interrupted,
         )
+        row.update(eval_speed_fields(self.batch_timings, row))  # spread and flag of model_only_img_s
+        row.update(interval_fields(self.correct1, self.correct5, self.images))  # 95% intervals (stats.py)
         if skipped_paths:
             row["skipped_files"] = self.skipped
         return row
@@ -232,6 +237,7 @@ def evaluate(
     start = time.perf_counter()
     scorer.run(source, cfg["mean"], cfg["std"], progress)
     elapsed = time.perf_counter() - start - (scorer.compile_seconds or 0.0)
+    config["speed_load"] = machine_load(dev.type, torch.get_num_threads(), dev.index or 0)  # see speedflags.py
     return _assemble(scorer, folder, config, elapsed, from_cache=cache is not None, keep_predictions=keep_predictions)
 
 
@@ -380,6 +386,7 @@ def _assemble(
         compile_seconds=scorer.compile_seconds,
         interrupted=scorer.interrupted,
         config=config,
+        batch_timings=scorer.timings,
         predictions=torch.cat(scorer.preds) if scorer.preds else empty,
         prediction_indices=torch.cat(scorer.pred_idx) if scorer.pred_idx else empty,
     ), folder.shard)  # under torchrun: every rank's counts summed, in the global image order

@@ -18,6 +18,10 @@ import pandas as pd
 
 from .errors import TpoolError
 from .store import write_text
+from .report_marks import (
+    RANKING_HEADERS, Coverage, add_text_columns, add_uncertainty, coverage, mark_capped, mark_speed, ranking,
+)
+from .style import op_style, variant_linestyle
 
 DROPS = (0.5, 1.0, 2.0)  # top-1 points the "GMACs saved" table allows to lose
 RUN_FIELDS = ("model", "weights_sha256", "weights", "data_fingerprint", "img_size", "dtype", "device")
@@ -66,12 +70,14 @@ def select_run(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     return kept, len(rows) - len(kept)
 
 
-def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
+def load_rows(out: Path, log=None, all_rows: bool = False) -> list[dict[str, Any]]:
     """Rows of the latest sweep in ``out``: the points its ``plan.json`` lists, in plan order.
 
     Reads only (a truncated last line is skipped, not cut). Without a plan (results written by
     hand or by an older tpool), the rows of the most recent run configuration. When the plan has
     bench keys (``tpool pareto --bench``), each row gets its figures from ``bench.jsonl``.
+    ``all_rows`` (``tpool report --all``): every row of results.jsonl, in file order. Rows left
+    out are counted in one logged line.
     """
     from .store import PLAN_FILE, RESULTS_FILE, ResultsStore, merge_bench, read_bench
 
@@ -79,17 +85,26 @@ def load_rows(out: Path, log=None) -> list[dict[str, Any]]:
     if not path.is_file():
         raise TpoolError(f"no {RESULTS_FILE} in {out}: run `tpool pareto --out {out}` first")
     store = ResultsStore(path, log) if log else ResultsStore(path)
-    all_rows = store.read(repair=False)
+    all_rows_ = store.read(repair=False)
     plan = _read_plan(Path(out) / PLAN_FILE)
-    if plan is not None:
-        by_key = {r.get("key"): r for r in all_rows}
-        rows, others = [by_key[k] for k in plan["keys"] if k in by_key], 0
+    if all_rows:
+        rows, others = list(all_rows_), 0
+        if plan is not None:
+            rows = merge_bench(rows, read_bench(Path(out), plan["bench"], log))
+    elif plan is not None:
+        by_key = {r.get("key"): r for r in all_rows_}
+        rows = [by_key[k] for k in plan["keys"] if k in by_key]
+        others = len(all_rows_) - len(rows)
         if not rows:
-            rows, others = select_run(all_rows)
+            rows, others = select_run(all_rows_)
         else:
             rows = merge_bench(rows, read_bench(Path(out), plan["bench"], log))
+            if others:
+                (log or store.log)(f"{path}: showing the latest plan's {len(rows)} row(s), leaving out {others} "
+                                   "of earlier plans (`tpool report --all` shows every row)")
+                others = 0
     else:
-        rows, others = select_run(all_rows)
+        rows, others = select_run(all_rows_)
     if not rows:
         raise TpoolError(f"{path} holds no results")
     if others:
@@ -135,12 +150,17 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     else:
         speed = df["model_only_img_s"].astype(float)
         df["speedup"] = (speed / float(b["model_only_img_s"])).round(4) if _number(b["model_only_img_s"]) else float("nan")
-    df["frontier"] = frontier_mask(df["gmacs"].tolist(), df["top1"].tolist())
-    df["frontier_speed"] = frontier_mask((-speed).tolist(), df["top1"].tolist())
+    add_uncertainty(df, b)
+    mark_capped(df)  # a capped point equals one of higher keep: drawn once, never on a frontier
+    mark_speed(df, has_bench(df))
+    add_text_columns(df)
+    top1 = df["top1"].astype(float).where(~df["capped"], float("nan"))
+    df["frontier"] = frontier_mask(df["gmacs"].tolist(), top1.tolist())
+    df["frontier_speed"] = frontier_mask((-speed).tolist(), top1.tolist())
     df["frontier_op"] = False
     for op in ops_of(df):
         idx = df.index[(df["op"] == op) | (df["op"] == "none")]
-        mask = frontier_mask(df.loc[idx, "gmacs"].tolist(), df.loc[idx, "top1"].tolist())
+        mask = frontier_mask(df.loc[idx, "gmacs"].tolist(), top1.loc[idx].tolist())
         op_idx = [i for i, m in zip(idx, mask) if m and df.at[i, "op"] == op]
         df.loc[op_idx, "frontier_op"] = True
     df["_order"] = range(len(df))
@@ -195,22 +215,30 @@ def savings(df: pd.DataFrame, drops: Sequence[float] = DROPS) -> pd.DataFrame:
 # Rendering
 
 
-TABLE_COLUMNS = [  # (field, header, format)
+TABLE_COLUMNS = [  # (field, header, format); fields with a leading _ are preformatted (report_marks.py)
     ("op", "op", "{}"), ("schedule", "schedule", "{}"), ("gmacs", "GMACs", "{:.4f}"),
-    ("gmacs_saved_pct", "GMACs saved %", "{:.1f}"), ("top1", "top-1", "{:.2f}"), ("delta_top1", "Δ top-1", "{:+.2f}"),
-    ("top5", "top-5", "{:.2f}"), ("model_only_img_s", "model img/s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"),
+    ("gmacs_saved_pct", "GMACs saved %", "{:.1f}"), ("images", "images", "{:.0f}"), ("top1", "top-1", "{:.2f}"),
+    ("_top1_ci", "top-1 95% CI", "{}"), ("delta_top1", "Δ top-1", "{:+.2f}"), ("_flips", "flips +/−", "{}"),
+    ("_p_base", "p vs. base", "{}"), ("top5", "top-5", "{:.2f}"), ("_top5_ci", "top-5 95% CI", "{}"),
+    ("model_only_img_s", "model img/s", "{:,.0f}"), ("_spread", "spread", "{}"), ("speedup", "speedup", "{:.2f}x"),
+    ("_notes", "notes", "{}"),
 ]  # no end-to-end column: sweep points run from the decode-once cache (`tpool evaluate` gives it)
-BENCH_COLUMNS = [("bench_img_s", "bench img/s", "{:,.0f}"), ("speedup", "speedup", "{:.2f}x"), ("bench_vs_ideal", "of ideal", "{:.2f}")]
+BENCH_COLUMNS = [("bench_img_s", "bench img/s", "{:,.0f}"), ("_spread", "spread", "{}"), ("speedup", "speedup", "{:.2f}x"),
+                 ("bench_vs_ideal", "of ideal", "{:.2f}")]
 
 
 def table_columns(df: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The per-point columns; with bench figures, speedup is theirs and "of ideal" is added."""
+    """The per-point columns; with bench figures, the speed columns are theirs and "of ideal" is added."""
     if not has_bench(df):
         return TABLE_COLUMNS
-    return [c for c in TABLE_COLUMNS if c[0] != "speedup"] + BENCH_COLUMNS
+    speed = {"model_only_img_s", "_spread", "speedup"}
+    columns = [c for c in TABLE_COLUMNS if c[0] not in speed]
+    return columns[:-1] + BENCH_COLUMNS + columns[-1:]
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:
+    if isinstance(value, str) and value == "":
+        return ""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return fmt.format(value)
@@ -233,13 +261,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def pareto_markdown(df: pd.DataFrame) -> str:
-    """pareto.md: the run, the frontier overall and per operator, GMACs saved, all points."""
+def pareto_markdown(df: pd.DataFrame, cov: Optional[Coverage] = None) -> str:
+    """pareto.md: the run, the frontier overall and per operator, GMACs saved, the ranking per
+    schedule, all points; a banner when the sweep is partial, a line on the rows left out."""
+    cov = cov or Coverage()
     b = df[df["op"] == "none"].iloc[0]
     sha = b.get("weights_sha256")
     weights = str(b["weights"]) + (f" (sha256 `{sha[:12]}`)" if isinstance(sha, str) else "")
     parts = [
         f"# Pareto sweep: {b['model']} @ {b['img_size']}px\n",
+        *([f"> **{cov.banner()}**: the sweep was interrupted or is still running; rerun it to complete\n"] if cov.partial else []),
         f"- data: `{b['data']}` ({b['label_space']}), {int(b['images'])} images"
         + (f", {int(b['skipped'])} unreadable files skipped" if int(b.get("skipped") or 0) else "")
         + f", fingerprint `{b['data_fingerprint']}`",
@@ -248,9 +279,16 @@ def pareto_markdown(df: pd.DataFrame) -> str:
         f"- baseline: top-1 {b['top1']:.2f}%, {b['gmacs']:.4f} GMACs, "
         + (f"{b['model_only_img_s']:,.0f} img/s model-only" if _number(b["model_only_img_s"]) else "no model-only timing"),
         *_bench_lines(df),
+        *_coverage_lines(cov),
         "",
         "GMACs per image from fvcore (1 multiply-add = 1 MAC); model img/s: forward pass only, device "
-        "synchronised, data already on the device; Δ top-1 in points vs. the baseline."
+        "synchronised, data already on the device; Δ top-1 in points vs. the baseline. "
+        "95% CI: Wilson score interval of the proportion over the images counted; flips +/−: images "
+        "right only with the operator / only without it; p vs. base: McNemar's exact test on those flips "
+        "(same images), * below 0.05, (u) unpaired (no per-image record: pooled two-proportion test); "
+        "spread: (max − min) / median of the speed figure's repeats. notes: capped (same token counts as "
+        "a point of higher keep: drawn once, off the frontiers), speed noisy/busy (do not trust that "
+        "speed), unpaired."
         + (" bench img/s: `tpool bench` on a synthetic batch, speedup vs. the baseline and *of ideal* vs. the "
            "same token counts with a free reduction, both timed in the same run." if has_bench(df) else "")
         + "\n",
@@ -279,8 +317,34 @@ def pareto_markdown(df: pd.DataFrame) -> str:
                 cells.append(f"{saved:.4f} GMACs ({r[f'saved_pct_at_{d:g}']:.1f}%) at {r[f'keep_at_{d:g}']}")
         rows.append(cells)
     parts.append(markdown_table(headers, rows))
+    parts += _ranking_section(df)
     parts += ["## All points\n", markdown_table(*point_table(df))]
     return "\n".join(parts)
+
+
+def _coverage_lines(cov: Coverage) -> list[str]:
+    """What the report leaves out of results.jsonl (and how to see it), or that it shows every row."""
+    if cov.all_rows:
+        return ["- rows: every row of results.jsonl (`tpool report --all`), baseline = its first baseline row"]
+    if cov.left_out:
+        return [f"- rows: the latest plan's; results.jsonl holds {cov.left_out} more row(s) of other plans "
+                "(`tpool report --all OUT` shows every row)"]
+    return []
+
+
+def _ranking_section(df: pd.DataFrame) -> list[str]:
+    """Operators ranked at each schedule (near-equal GMACs), each against the leader."""
+    lines = ranking(df)
+    if not lines:
+        return []
+    return [
+        "## Ranking at each schedule\n",
+        "At one schedule the operators keep the same token counts, so their GMACs differ only by the "
+        "operator's own cost. Each is compared with the schedule's leader: McNemar's exact test on the "
+        "same images (unpaired: pooled two-proportion test, (u)); *significant* at 0.05. A difference "
+        "that is not significant is within the noise of this many images.\n",
+        markdown_table(RANKING_HEADERS, lines),
+    ]
 
 
 def _bench_lines(df: pd.DataFrame) -> list[str]:
@@ -303,17 +367,19 @@ def _bench_lines(df: pd.DataFrame) -> list[str]:
 
 def results_csv(df: pd.DataFrame) -> str:
     """results.csv: every field of every point, lists and dicts as JSON in their cell."""
-    flat = df.copy()
+    flat = df[[c for c in df.columns if not str(c).startswith("_")]].copy()  # _cells: the tables' text
     for col in flat.columns:
         if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
             flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     return flat.to_csv(index=False, lineterminator="\n")
 
 
-def plot(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot(df: pd.DataFrame, out: Path, cov: Optional[Coverage] = None) -> list[Path]:
     """top-1 vs GMACs and top-1 vs speed (the bench speedup when the sweep has bench figures, else
-    model-only images/s): one line per operator from the baseline, the frontier marked. PNG and SVG,
-    rendered without pyplot (no display, no global state)."""
+    model-only images/s): one line per operator from the baseline, each in its fixed colour and
+    marker (style.py), top-1 with its 95% interval, the frontier marked; capped points left out,
+    flagged speeds drawn hollow; a banner when the sweep is partial. PNG and SVG, rendered without
+    pyplot (no display, no global state)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -333,9 +399,7 @@ def plot(df: pd.DataFrame, out: Path) -> list[Path]:
                 continue
             fig = Figure(figsize=(7.0, 4.6), dpi=110)
             ax = fig.add_subplot()
-            for op in ops_of(df):
-                sub = pd.concat([df[df["op"] == "none"].iloc[:1], df[df["op"] == op]]).sort_values(xcol, kind="stable")
-                ax.plot(sub[xcol], sub["top1"], marker="o", ms=4, lw=1.4, label=op)
+            _draw_operators(ax, df, xcol, hollow_flagged=name == "top1_vs_speed")
             front = df[df[fcol]].sort_values(xcol, kind="stable")
             ax.plot(front[xcol], front["top1"], ls="--", lw=0.8, color="grey", zorder=4)
             ax.plot(front[xcol], front["top1"], ls="none", marker="o", ms=11, mfc="none", mec="black", mew=1.2,
@@ -344,6 +408,7 @@ def plot(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("top-1 %")
             ax.set_title(f"{b['model']} @ {b['img_size']}px, {int(b['images'])} images ({b['dtype']}, {b['device_name']})", fontsize=9)
+            _annotate(fig, df, cov, speed=name == "top1_vs_speed")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="best")
             fig.tight_layout()
@@ -354,21 +419,61 @@ def plot(df: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def _draw_operators(ax, df: pd.DataFrame, xcol: str, hollow_flagged: bool) -> None:
+    """One line per operator label from the baseline: fixed colour/marker, 95% interval bars,
+    capped points left out, points with a flagged speed hollow (on the speed plot)."""
+    variants: dict[str, int] = {}
+    base = df[df["op"] == "none"].iloc[:1]
+    for op in ops_of(df):
+        style = op_style(op)
+        name = op_name_of(op)
+        index = variants[name] = variants.get(name, -1) + 1
+        sub = pd.concat([base, df[(df["op"] == op) & ~df["capped"].astype(bool)]]).sort_values(xcol, kind="stable")
+        err = [(sub["top1"] - sub["top1_lo"]).clip(lower=0).fillna(0), (sub["top1_hi"] - sub["top1"]).clip(lower=0).fillna(0)]
+        ax.errorbar(sub[xcol], sub["top1"], yerr=err, color=style["color"], ls=variant_linestyle(index), lw=1.4,
+                    elinewidth=0.7, capsize=2, alpha=0.9, label=op)
+        flagged = sub["speed_note"].map(lambda v: isinstance(v, str)) if hollow_flagged else sub["op"].map(lambda v: False)
+        for hollow, part in ((False, sub[~flagged]), (True, sub[flagged])):
+            if len(part):
+                ax.plot(part[xcol], part["top1"], ls="none", marker=style["marker"], ms=5, mec=style["color"],
+                        mfc="none" if hollow else style["color"], mew=1.1, zorder=3)
+
+
+def op_name_of(label: str) -> str:
+    """The registry name of an operator label (variants of one operator share its style)."""
+    return re.sub(r"\(.*\)$", "", str(label))
+
+
+def _annotate(fig, df: pd.DataFrame, cov: Optional[Coverage], speed: bool) -> None:
+    """Banner (partial sweep) and footnote (what bars, hollow markers and omissions mean)."""
+    if cov is not None and cov.partial:
+        fig.text(0.5, 0.995, cov.banner().upper(), ha="center", va="top", fontsize=10, color="#b00020", weight="bold")
+    notes = ["bars: 95% interval of top-1"]
+    if speed and df["speed_note"].map(lambda v: isinstance(v, str)).any():
+        notes.append("hollow: speed flagged (noisy or busy machine, see pareto.md)")
+    if df["capped"].astype(bool).any():
+        notes.append(f"{int(df['capped'].astype(bool).sum())} capped point(s) drawn once")
+    fig.text(0.01, 0.005, "; ".join(notes), fontsize=6.5, color="#444444", ha="left", va="bottom")
+
+
 @dataclass
 class Report:
     frame: pd.DataFrame
     files: list[Path]
+    coverage: Coverage = Coverage()
 
 
-def write_report(out: Path, rows: Optional[list[dict[str, Any]]] = None, log=None) -> Report:
-    """Write results.csv, pareto.md and the plots into ``out`` from ``rows`` (default: results.jsonl)."""
+def write_report(out: Path, rows: Optional[list[dict[str, Any]]] = None, log=None, all_rows: bool = False) -> Report:
+    """Write results.csv, pareto.md and the plots into ``out`` from ``rows`` (default: results.jsonl,
+    the latest plan's rows, or every row with ``all_rows``)."""
     out = Path(out)
-    rows = rows if rows is not None else load_rows(out, log)
+    rows = rows if rows is not None else load_rows(out, log, all_rows=all_rows)
     df = results_frame(rows)
+    cov = coverage(out, rows, all_rows=all_rows)
     write_text(out / "results.csv", results_csv(df))
-    write_text(out / "pareto.md", pareto_markdown(df))
-    files = [out / "results.csv", out / "pareto.md"] + plot(df, out)
-    return Report(frame=df, files=files)
+    write_text(out / "pareto.md", pareto_markdown(df, cov))
+    files = [out / "results.csv", out / "pareto.md"] + plot(df, out, cov)
+    return Report(frame=df, files=files, coverage=cov)
 
 
 # ---------------------------------------------------------------------------------------------

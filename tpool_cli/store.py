@@ -36,7 +36,7 @@ MERGED_FIELDS = (
     "bench_img_s", "bench_baseline_img_s", "bench_ideal_img_s", "bench_vs_baseline", "bench_vs_ideal",
     "bench_ideal_vs_baseline", "bench_compile_s", "bench_error", "bench_run", "bench_batch_size", "bench_dtype",
     "bench_compile", "bench_steps", "bench_repeats",
-)
+) + ("bench_runs_img_s", "bench_spread", "bench_load", "bench_flag")  # speedflags.py: spread, load, flag
 
 Log = Callable[[str], None]
 logger = logging.getLogger("tpool_cli")

@@ -24,7 +24,9 @@ from .distributed import from_main, gather_skipped, global_progress, is_main, sh
 from .device import device_name, dtype_label, release_host_memory, resolve_amp, resolve_device
 from .errors import TpoolError
 from .evaluate import evaluate, model_config, versions
+from .lock import holds_out_lock
 from .models import LoadedModel
+from .stats import correct_record
 from .store import (  # noqa: F401  (KEY_FIELDS, PLAN_FILE, point_identity: re-exported for callers of the sweep)
     BENCH_FILE, KEY_FIELDS, PLAN_FILE, RESULTS_FILE, Log, ResultsStore, move_aside, point_identity, point_key, warn,
     write_plan,
@@ -96,6 +98,7 @@ class _Run:
         return len(self.model.model.blocks)
 
 
+@holds_out_lock  # one sweep per folder (see lock.py)
 def run_sweep(
     model: LoadedModel,
     data: str | Path | ImageFolder,
@@ -114,6 +117,7 @@ def run_sweep(
     seed: int = 0,
     cache: str = "auto",
     bench: Optional[BenchSettings] = None,
+    retime: bool = False,
     progress: Optional[SweepProgress] = None,
     log: Log = warn,
 ) -> SweepResult:
@@ -135,8 +139,11 @@ def run_sweep(
         cache: where the decoded images live ('auto', 'memory', 'disk' under ``out/cache``).
         bench: after the accuracy pass, time every point as ``tpool bench`` does (see
             :mod:`tpool_cli.sweep_bench`) and add those figures to the rows.
+        retime: time every point again, those already in ``bench.jsonl`` included (the newer figures win).
         progress: callbacks for progress bars (:class:`SweepProgress`).
         log: where warnings go (default: the ``tpool_cli`` logger).
+
+    The folder is locked for the call (:mod:`tpool_cli.lock`): a second sweep on it fails at once.
     """
     progress = progress or SweepProgress()
     run = _prepare(model, data, out, class_map, limit, device, amp, batch_size, workers, compile, prop_attn, seed, cache)
@@ -158,7 +165,7 @@ def run_sweep(
     result.rows = [done[key] for _, key in planned if key in done]
     if bench is not None:
         if not result.interrupted:
-            _bench_pass(run, planned, bench_keys, bench, result, progress, log)
+            _bench_pass(run, planned, bench_keys, bench, result, progress, log, retime)
         # the very figures `tpool report` merges: whatever bench.jsonl holds for this plan
         result.rows = merge_bench(result.rows, read_bench(run.out, bench_keys, log))
     return result
@@ -258,10 +265,12 @@ def _evaluate_point(
     res = evaluate(
         run.model, decoded, device=run.device, amp=run.amp, batch_size=run.batch_size, compile=run.compile,
         progress=global_progress(progress.point(label, len(run.folder))),  # under torchrun: every rank's images
+        keep_predictions=True,
     )
     if res.interrupted:
         return None
     row = res.row(skipped_paths=False)
+    row["correct1_bits"] = correct_record(res, run.folder)  # per-image top-1, to pair points (stats.py)
     row.update(
         key=key, data_fingerprint=run.fingerprint, point=label, cache=decoded.storage,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -273,13 +282,13 @@ def _evaluate_point(
 
 def _bench_pass(
     run: _Run, planned: Sequence[tuple[Point, str]], bench_keys: dict[str, str], bench: BenchSettings,
-    result: SweepResult, progress: SweepProgress, log: Log,
+    result: SweepResult, progress: SweepProgress, log: Log, retime: bool = False,
 ) -> None:
     """Time the points (:func:`tpool_cli.sweep_bench.bench_points`); failures and Ctrl-C go into ``result``."""
     try:
         result.benched, result.bench_failures = bench_points(
             run.model.model, planned, bench_keys, bench, run.device, run.out, prop_attn=run.prop_attn,
-            seed=run.seed, progress=progress.bench, start=progress.bench_start, log=log,
+            seed=run.seed, progress=progress.bench, start=progress.bench_start, log=log, retime=retime,
         )
     except KeyboardInterrupt:
         result.interrupted = result.bench_interrupted = True

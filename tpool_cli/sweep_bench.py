@@ -33,6 +33,7 @@ from .store import (  # noqa: F401  (BENCH_FILE, MERGED_FIELDS, bench_key, merge
     BENCH_FILE, DATA_FIELDS, MERGED_FIELDS, Log, ResultsStore, bench_key, merge_bench, read_bench, warn,
 )
 from .sweep_plan import Point
+from .speedflags import bench_speed_fields
 
 # Runs of one point that differ by more than this (max - min over the median) get a warning.
 NOISY_SPREAD = 0.25
@@ -69,6 +70,7 @@ def bench_row(key: str, point: Point, result: BenchRow, report: BenchReport, run
         "bench_repeats": s.repeats,
         "device_name": report.device_name,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **bench_speed_fields(r["op_runs_img_s"], report.device.type),
     }
 
 
@@ -180,6 +182,7 @@ def bench_points(
     progress: Optional[Callable[[str], None]] = None,
     start: Optional[Callable[[int], Callable[[int], None]]] = None,
     log: Log = warn,
+    retime: bool = False,
 ) -> tuple[int, int]:
     """Time the planned (point, point key) pairs that have no good row in ``out/bench.jsonl``.
 
@@ -189,11 +192,14 @@ def bench_points(
     ``bench_error`` (timed again by the next call); a baseline that cannot run raises
     :class:`tpool_cli.errors.TpoolError` (after writing what it could). ``start(total)`` is called
     once with the number of updates to come (baseline, each point, each timed round in eager mode)
-    and returns the callback that advances a progress bar by them. Returns (points timed, of which
+    and returns the callback that advances a progress bar by them. ``retime`` times every planned
+    point again, good rows included (``tpool pareto --retime``). Returns (points timed, of which
     failed).
     """
     store = ResultsStore(Path(out) / BENCH_FILE, log, keep="last")
     good = {row["key"] for row in store.read() if "key" in row and not row.get("bench_error")}
+    if retime:  # `--retime`: every planned point is timed again; the newer row wins (keep="last")
+        good = set()
     missing = [(p, k) for p, k in planned if keys[k] not in good]
     if not missing:
         return 0, 0

@@ -8,7 +8,7 @@ import typer
 
 from ..cli_options import (
     AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
-    OpsOpt, OutputOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, TokensOpt, op_options, parse_schedule_args, split_names,
+    OpsOpt, OutputOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, ThreadsOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
 
@@ -45,6 +45,7 @@ def bench(
     op_opt: OpOptOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    threads: ThreadsOpt = None,
 ) -> int:
     """Images per second: the unpatched baseline, the ideal (same token counts, reduction free) and the operator.
 
@@ -56,11 +57,13 @@ def bench(
     from ..distributed import refuse
     from ..models import load_model
     from ..profile import build_configs
+    from ..threads import set_threads
 
     check_format(fmt)
     refuse("tpool bench", "it times one device on synthetic batches, and copies timed at once on one node would "
            "measure their contention; run it once per GPU without torchrun (CUDA_VISIBLE_DEVICES=i tpool bench ...), "
            "or `torchrun ... -m tpool_cli evaluate` for the aggregate img/s of all ranks on real images")
+    set_threads(threads)
     dev = resolve_device(device)
     resolve_amp(amp, dev)  # a bad --amp fails before the model is built
     default_batch, default_warmup, default_steps = timing_defaults(dev)

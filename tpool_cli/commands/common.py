@@ -24,11 +24,13 @@ def warn_random_weights() -> None:
     stderr.print(f"[yellow]warning:[/yellow] {RANDOM_WEIGHTS_NOTE}")
 
 
-def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence) -> int:
+def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence, all_rows: bool = False) -> int:
     """Write the files, print the frontier (or all points as JSON/CSV), check the gates: exit code."""
     from ..report import check_gates, frontier_rich_table, write_report
 
-    rep = write_report(out, rows)
+    rep = write_report(out, rows, all_rows=all_rows)
+    if rep.coverage.partial:
+        stderr.print(f"[yellow]{rep.coverage.banner()}[/yellow] in {out}: the report covers what is done", highlight=False)
     df = rep.frame
     b = df[df["op"] == "none"].iloc[0]
     if fmt == "json":

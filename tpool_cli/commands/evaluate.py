@@ -8,7 +8,7 @@ from typing import Any
 from ..cli_options import (
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
-    TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
+    ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, emit, make_table, stderr, token_path
@@ -42,6 +42,7 @@ def evaluate(
     compile: CompileOpt = False,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Top-1/top-5, GMACs and images/s (model-only and end-to-end) of one operator at one keep rate."""
     from ..data import scan_folder
@@ -53,8 +54,10 @@ def evaluate(
     from ..patch import capped_blocks, patch
     from ..profile import build_configs
     from ..progress import image_progress
+    from ..threads import set_threads
 
     check_format(fmt)
+    set_threads(threads)
     dev = local_device(resolve_device(device))  # under torchrun: cuda:LOCAL_RANK
     resolve_amp(amp, dev)
     names = split_names(op) or ["none"]
@@ -109,15 +112,30 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _ci(ci: Any, images: int) -> str:
+    """' (95% CI 96.41–99.23, 360 images)': the Wilson interval the row carries (stats.py)."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(v != v for v in ci):
+        return ""
+    return f" (95% CI {ci[0]:.2f}–{ci[1]:.2f}, {images:,} images)"
+
+
+def _speed_note(row: dict[str, Any]) -> str:
+    """The spread of the figure and, when flagged (noisy, busy machine), why (speedflags.py)."""
+    spread = row.get("model_only_spread")
+    text = f" (spread {spread:.0%})" if isinstance(spread, float) else ""
+    flag = row.get("speed_flag")
+    return text + (f" [yellow]flagged: {flag}[/yellow]" if flag else "")
+
+
 def _table(row: dict[str, Any]):
     lines = [
-        ("top-1 %", _fmt(row["top1"])),
-        ("top-5 %", _fmt(row["top5"])),
+        ("top-1 %", _fmt(row["top1"]) + _ci(row.get("top1_ci"), row["images"])),
+        ("top-5 %", _fmt(row["top5"]) + _ci(row.get("top5_ci"), row["images"])),
         ("images", f"{row['images']:,} of {row['files']:,} files" + (" (interrupted)" if row["interrupted"] else "")),
         ("skipped (unreadable)", str(row["skipped"])),
         ("GMACs / image", f"{row['gmacs']:.4f} ({row['reduction_pct']:.1f}% below the baseline {row['baseline_gmacs']:.4f})"),
         ("patch tokens per block", token_path(row["patch_tokens"])),
-        ("model-only img/s", _fmt(row["model_only_img_s"], 1)),
+        ("model-only img/s", _fmt(row["model_only_img_s"], 1) + _speed_note(row)),
         ("end-to-end img/s", _fmt(row["end_to_end_img_s"], 1)),
     ]
     if row["compile_s"] is not None:

@@ -14,7 +14,7 @@ from ..cli_options import (
     FailBelowOpt,
     AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
-    TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
+    ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
 from ..output import check_format, stderr
@@ -28,6 +28,7 @@ CacheOpt = Annotated[str, typer.Option("--cache", help="Decoded images: auto, me
 BenchOpt = Annotated[bool, typer.Option("--bench", help="Also time every point as `tpool bench` does (baseline and ideal in the same run); the speed plot uses these figures.")]
 BenchBatchOpt = Annotated[Optional[int], typer.Option("--bench-batch-size", min=1, help="Synthetic batch of --bench (default: --batch-size).")]
 BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, help="Timed calls per run with --bench (default 50 on CUDA, 5 on CPU).")]
+RetimeOpt = Annotated[bool, typer.Option("--retime", help="Time every point again with the bench pass (implies --bench), those already timed included; the newer figures win.")]
 BenchRepeatsOpt = Annotated[Optional[int], typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench (default 3); the median is kept.")]
 
 
@@ -63,6 +64,8 @@ def pareto(
     bench_batch_size: BenchBatchOpt = None,
     bench_steps: BenchStepsOpt = None,
     bench_repeats: BenchRepeatsOpt = None,
+    retime: RetimeOpt = False,
+    threads: ThreadsOpt = None,
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
@@ -76,9 +79,13 @@ def pareto(
     from ..sweep import run_sweep
     from ..sweep_bench import sweep_bench_settings
     from ..sweep_plan import plan_points, sweep_keeps, validate_points
+    from ..lock import SweepLock
+    from ..threads import set_threads
 
     # 1. the request, checked before the demo is announced or a model is built
     check_format(fmt)
+    set_threads(threads)
+    bench = bench or retime
     if cache not in ("auto", "memory", "disk"):
         raise TpoolError(f"--cache must be auto, memory or disk, got {cache!r}")
     gates = [parse_gate(g) for g in fail_below or []]
@@ -104,12 +111,13 @@ def pareto(
     if random_init:
         warn_random_weights()
     validate_points(points, loaded.model)
+    lock = SweepLock.acquire(out) if is_main() else None  # noqa: F841  a second sweep on OUT fails here, before any work (lock.py)
     stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
     # 3. the sweep, then what it did, the report and the exit code
     with RichSweepProgress() as progress:
         result = run_sweep(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
-            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, progress=progress,
+            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, retime=retime, progress=progress,
         )
     if not is_main():  # under torchrun rank 0 alone reports and writes the tables and plots
         sys.exit(130 if result.interrupted else 0)

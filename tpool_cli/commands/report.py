@@ -20,6 +20,7 @@ def report(
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="Every row of results.jsonl, not only the latest sweep's plan.")] = False,
 ) -> None:
     """Rebuild results.csv, pareto.md and the plots of a sweep from its results.jsonl (no evaluation)."""
     from ..report import load_rows, parse_gate
@@ -29,7 +30,7 @@ def report(
     if len(folders) == 1:
         if output is not None:
             raise TpoolError("--output is for comparisons (tpool report A B); one folder is rebuilt in place")
-        code = finish_report(folders[0], load_rows(folders[0]), fmt, gates)
+        code = finish_report(folders[0], load_rows(folders[0], all_rows=all_rows), fmt, gates, all_rows=all_rows)
         sys.exit(code)
     if len(folders) != 2:
         raise TpoolError(f"tpool report takes one folder (rebuild) or two (compare), got {len(folders)}")
