@@ -56,7 +56,7 @@ def _root() -> None:
 
 def _register_commands() -> None:
     """Import the command modules; each adds itself to ``app`` with @app.command()."""
-    from .commands import bench, evaluate, pareto, profile, recon, report, visualize  # noqa: F401
+    from .commands import bench, evaluate, finetune, pareto, profile, recon, report, visualize  # noqa: F401
 
 
 _register_commands()
