@@ -17,7 +17,8 @@ a given seed (seeded init, seeded shuffling and shifts, ``torch.use_deterministi
 
 Writes into ``--out-dir``: ``tpool_digits_vit.safetensors`` (fp32 weights),
 ``tpool_digits_vit.json`` (the record: seed, split, hyperparameters, time, test top-1, versions)
-and ``digits_test.safetensors`` (the test split the package writes out as an image folder).
+``digits_test.safetensors`` (the test split the package writes out as an image folder) and
+``digits_train.safetensors`` (the training split, for ``tpool finetune`` on the demo).
 """
 
 from __future__ import annotations
@@ -161,7 +162,12 @@ def main() -> None:
         {"images": np.ascontiguousarray(images[test_idx]), "labels": labels[test_idx], "indices": test_idx.astype(np.int64)},
         str(split_path),
     )
-    for path in (weights_path, split_path):
+    train_split_path = args.out_dir / demo.TRAIN_SPLIT_FILE.name  # what `tpool finetune` trains on offline
+    save_numpy(
+        {"images": np.ascontiguousarray(images[train_idx]), "labels": labels[train_idx], "indices": train_idx.astype(np.int64)},
+        str(train_split_path),
+    )
+    for path in (weights_path, split_path, train_split_path):
         path.chmod(0o644)  # safetensors writes 0600; package data must be readable by every user
     record = {
         "model": demo.DEMO_MODEL,

@@ -34,6 +34,8 @@ def script(name: str, *args: str) -> str:
         ("gpu.py", ["--device", "cpu", "--model", "tpool_digits_vit", "--batch-size", "2", "--steps", "1", "--repeats", "1",
                     "--warmup", "0", "--mode", "eager", "--keep", "0.5", "--ops", "topk,kmeans", "--no-gmacs"],
          ["| ideal (free reduction) | 0.5 |", "| kmeans | 0.5 |"]),
+        ("finetune.py", ["--batch", "4", "--steps", "1", "--repeats", "1", "--warmup", "0", "--ops", "kmeans", "--keep", "0.5"],
+         ["| kmeans keep 0.5 |", "vs unpatched"]),
         ("sweep.py", ["--images", "8", "--ops", "topk", "--keep", "0.5", "--batch-size", "4", "--workers", "0"],
          ["same top-1 for every point: True"]),
     ],

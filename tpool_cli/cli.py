@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .commands import bench, evaluate, models, ops, pareto, profile, recon, report, visualize
+from .commands import bench, evaluate, finetune, models, ops, pareto, profile, recon, report, visualize
 from .errors import TpoolError
 from .output import stderr
 
@@ -102,6 +102,6 @@ def _root(
     """How much compute can a pretrained ViT shed by downsampling its tokens, and at what accuracy cost?"""
 
 
-for _command in (bench.bench, evaluate.evaluate, models.models, ops.ops, pareto.pareto, profile.profile, recon.recon,
+for _command in (bench.bench, evaluate.evaluate, finetune.finetune, models.models, ops.ops, pareto.pareto, profile.profile, recon.recon,
                  report.report, visualize.visualize):
     app.command()(_command)

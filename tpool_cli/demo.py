@@ -65,6 +65,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = ASSETS / f"{DEMO_MODEL}.safetensors"
 RECORD_FILE = ASSETS / f"{DEMO_MODEL}.json"
 TEST_SPLIT_FILE = ASSETS / "digits_test.safetensors"
+TRAIN_SPLIT_FILE = ASSETS / "digits_train.safetensors"  # for `tpool finetune` on the demo
+SPLIT_FILES = {"test": TEST_SPLIT_FILE, "train": TRAIN_SPLIT_FILE}
 DATA_DIRNAME = "digits-test"
 CLASS_MAP_NAME = "classes.txt"
 STAMP_NAME = ".source-sha256"  # sha256 of the shipped split the folder was written from
@@ -144,13 +146,25 @@ def cache_dir() -> Path:
 
 def load_test_split() -> tuple["np.ndarray", "np.ndarray"]:
     """The shipped test split: images (N x 8 x 8 uint8, 0..255) and labels (N int64)."""
+    return load_split("test")
+
+
+def load_split(split: str = "test") -> tuple["np.ndarray", "np.ndarray"]:
+    """A shipped split ("test": 360 digits, "train": the 1,437 the demo model was trained on)."""
     from safetensors.numpy import load_file
 
+    path = _split_file(split)
     try:
-        arrays = load_file(str(TEST_SPLIT_FILE))
+        arrays = load_file(str(path))
     except OSError:
-        raise TpoolError(f"the demo's test split is missing ({TEST_SPLIT_FILE}); reinstall tpool") from None
+        raise TpoolError(f"the demo's {split} split is missing ({path}); reinstall tpool") from None
     return arrays["images"], arrays["labels"]
+
+
+def _split_file(split: str) -> Path:
+    if split not in SPLIT_FILES:
+        raise TpoolError(f"the demo has the splits {', '.join(SPLIT_FILES)}, not {split!r}")
+    return SPLIT_FILES[split]
 
 
 def digits_to_pil(image: "np.ndarray") -> "Image.Image":
@@ -202,18 +216,18 @@ def _write_folder(target: Path, images: "np.ndarray", labels: "np.ndarray", stam
     (target / STAMP_NAME).write_text(stamp + "\n")
 
 
-def ensure_demo_data(cache: Optional[Path] = None) -> DemoData:
-    """Write the demo test split as an image folder in the cache once; return where it is.
+def ensure_demo_data(cache: Optional[Path] = None, split: str = "test") -> DemoData:
+    """Write a demo split (the test split by default) as an image folder in the cache once; return where it is.
 
     Idempotent: a complete folder written from the same shipped split is reused untouched. The
     folder is written into a temporary sibling and renamed into place, so an interrupted write
     never leaves a half folder, and two processes racing both end up with one complete folder.
     A folder that is incomplete or from another split is replaced the same way.
     """
-    images, labels = load_test_split()
-    stamp = _sha256(TEST_SPLIT_FILE)
+    images, labels = load_split(split)
+    stamp = _sha256(_split_file(split))
     base = Path(cache) if cache is not None else cache_dir()
-    root = base / DATA_DIRNAME
+    root = base / (DATA_DIRNAME if split == "test" else f"digits-{split}")
     data = DemoData(root=root, class_map=root / CLASS_MAP_NAME, num_images=len(images))
     if _is_complete(root, stamp, len(images)):
         return data
