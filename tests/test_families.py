@@ -14,7 +14,7 @@ import torch
 
 from tpool_cli.errors import TpoolError
 from tpool_cli.ops import make_operator, operator_names
-from tpool_cli.ops.base import Reduction
+from tpool_cli.ops.base import ReduceContext, Reduction
 from tpool_cli.patch import ReductionState, follow_positions, patch, planned_counts, unpatch
 
 SMALL = dict(img_size=32, patch_size=4, depth=3, num_classes=10, embed_dim=64, num_heads=2)
@@ -145,6 +145,29 @@ def test_rope_positions_of_a_merge():
     medoid_out = Reduction(torch.zeros(1, 2, 4), torch.tensor([[4.0, 1.0]]), assignment, representative=torch.tensor([[1, 2]]))
     pos, rope = follow_positions(positions, index, sizes, medoid_out, 2)
     assert rope.tolist() == [[10, 1]] and torch.equal(pos, positions[:, 1:])
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2])
+def test_tome_rope_position_is_the_destination(num_prefix):
+    """ToMe merges two identical tokens at patches p and q (one in A, one in B): the merged token takes
+    the destination's (B side) position and rope, not the size-weighted mean; every other output is
+    its own input token. Holds for either split parity."""
+    torch.manual_seed(0)
+    n, first = 12, num_prefix % 2
+    p, q = (3, 10) if first else (2, 9)  # A = patches at sequence positions of even parity, B the others
+    keys = torch.randn(1, n, 16)
+    keys[0, p] = keys[0, q]
+    sizes = torch.ones(1, n)
+    sizes[0, p] = 3.0  # the mean would lean towards the source
+    out = make_operator("tome").reduce(torch.randn(1, n, 8), n - 1, ReduceContext(sizes=sizes, keys=keys, num_prefix=num_prefix))
+    merged = out.assignment[0, q]
+    assert out.assignment[0, p] == merged and out.representative[0, merged] == q
+    assert torch.equal(out.assignment.gather(1, out.representative), torch.arange(n - 1).unsqueeze(0))
+    i = torch.arange(n)
+    positions = torch.stack([i // 4, i % 4], dim=-1).float().unsqueeze(0)
+    pos, rope = follow_positions(positions, i.unsqueeze(0) + 100, sizes, out, n - 1)
+    assert torch.equal(pos[0, merged], positions[0, q]) and rope[0, merged] == 100 + q
+    assert torch.equal(pos[0], positions[0, out.representative[0]])
 
 
 def test_rope_state_only_for_rope_families(images):

@@ -17,6 +17,9 @@ Follows facebookresearch/ToMe ``tome/merge.py`` ``bipartite_soft_matching`` and 
 * Output order is ToMe's: the unmerged A tokens (sorted back into sequence order when there is a
   prefix token, as ToMe sorts them with a class token; in score order without one), then every
   B token in order. The next block's split parity depends on this order.
+* Each output names its representative (``Reduction.representative``): an unmerged A token is
+  itself, a B token is ToMe's destination, so a merged token keeps the destination's rope
+  position (ToMe's code has no positions to follow; the destination is the token that stays).
 
 Differences that are rounding only: unit keys as k / sqrt(k . k) (one fused op the FLOP count
 sees) against ToMe's k / ||k||, and the weighted sums' accumulation order.
@@ -55,8 +58,13 @@ def _split_scores(keys: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, in
     return scores, first, pa, pb
 
 
-def bipartite_assignment(keys: torch.Tensor, r: int, num_prefix: int = 0) -> torch.Tensor:
-    """Output index (B x N long, into N - r outputs) of every patch token under ToMe's matching.
+def bipartite_assignment(keys: torch.Tensor, r: int, num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's matching: (assignment, representative).
+
+    assignment: output index (B x N long, into N - r outputs) of every patch token.
+    representative: input index (B x (N - r) long) of the token each output stands in for: an
+    unmerged A token is itself, a B token (merged into or not) is ToMe's destination, itself, so
+    side tensors that follow a representative (rope positions) take the destination's.
 
     keys: B x N x D similarity features of the patch tokens; ``num_prefix`` tokens precede them in
     the block's sequence; 1 <= r <= N // 2.
@@ -79,7 +87,9 @@ def bipartite_assignment(keys: torch.Tensor, r: int, num_prefix: int = 0) -> tor
     assignment = torch.empty(b, n, dtype=torch.long, device=keys.device)
     assignment[:, first::2] = a_out
     assignment[:, 1 - first :: 2] = (kept_a + torch.arange(n_b, device=keys.device)).expand(b, n_b)
-    return assignment
+    b_in = (1 - first + 2 * torch.arange(n_b, device=keys.device)).expand(b, n_b)  # input index of each B token
+    representative = torch.cat([first + 2 * unm_idx, b_in], dim=1)  # ToMe's output order: unmerged A, then B
+    return assignment, representative
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,6 @@ class ToMe(TokenOperator):
         n = x.shape[1]
         r = n - self.realise(n, k, None)
         assert ctx.keys is not None, "tome needs the block's keys"
-        assignment = bipartite_assignment(ctx.keys, r, ctx.num_prefix)
+        assignment, representative = bipartite_assignment(ctx.keys, r, ctx.num_prefix)
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, n - r)
-        return Reduction(tokens, sizes, assignment)
+        return Reduction(tokens, sizes, assignment, representative=representative)
