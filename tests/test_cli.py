@@ -126,6 +126,7 @@ def test_every_dataclass_field_is_an_op_opt():
 
 def test_version_and_ops_listing(capsys):
     from tpool_cli.cli import version
+    from tpool_cli.ops import get_operator_class
 
     code, out, _ = _main(["--version"], capsys)
     assert code == 0 and out.strip() == f"tpool {version()}"
@@ -133,3 +134,5 @@ def test_version_and_ops_listing(capsys):
     listed = {r["op"]: r["options"] for r in json.loads(out)["operators"]}
     assert code == 0 and listed["kmeans"]["iters"] == {"type": "int", "default": 5}
     assert listed["topk"]["score"]["type"] == "cls|received"
+    about = {r["op"]: r["about"] for r in json.loads(out)["operators"]}
+    assert about["grid"] == get_operator_class("grid").summary and about["drop"].startswith("speed reference")

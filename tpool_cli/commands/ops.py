@@ -30,8 +30,7 @@ def ops(fmt: FormatOpt = "table") -> None:
         cls = get_operator_class(name)
         defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
         options = {key: {"type": _type_name(kind), "default": defaults.get(key)} for key, kind in option_types(name).items()}
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append({"op": name, "options": options, "about": doc})
+        rows.append({"op": name, "options": options, "about": cls.summary})  # its one line (a docstring may be dataclass's signature)
     lines = [
         (r["op"], ", ".join(f"{k}={v['default']} ({v['type']})" for k, v in r["options"].items()) or "-", r["about"])
         for r in rows
