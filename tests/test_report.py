@@ -214,6 +214,33 @@ def test_bench_figures_replace_the_model_only_speed(tmp_path):
     assert "figures from 2 bench runs (each ratio within its run)" in text and "**1 point(s) failed to time**" in text
 
 
+def test_speed_label_under_torchrun_and_mixed_world_sizes(tmp_path, capsys):
+    """Model-only img/s of a torchrun sweep is the sum over its ranks: the plot's label says so; rows of
+    several world sizes get a warning in pareto.md, the plot's footnote and `tpool report`'s stderr."""
+    from tpool_cli.report import speed_axis, world_size_note
+
+    assert speed_axis(results_frame(ROWS)) == ("model_only_img_s", "model-only images/s")  # no world_size: 1
+    three = [dict(r, world_size=3) for r in ROWS]
+    assert speed_axis(results_frame(three)) == ("model_only_img_s", "model-only images/s, sum over 3 ranks")
+    assert world_size_note(results_frame(three)) is None
+    write_report(tmp_path, three)
+    text = (tmp_path / "pareto.md").read_text()
+    assert "1,000 img/s model-only, sum over 3 ranks" in text and "warning" not in text
+    mixed = [dict(r, world_size=1 if i < 3 else 2) for i, r in enumerate(ROWS)]
+    df = results_frame(mixed)
+    assert speed_axis(df)[1] == "model-only images/s" and "mix world sizes (1, 2 ranks)" in world_size_note(df)
+    write_report(tmp_path, mixed)
+    assert "- **warning**: rows mix world sizes (1, 2 ranks)" in (tmp_path / "pareto.md").read_text()
+    with open(tmp_path / "results.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in mixed)
+    from tpool_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 0 and "rows mix world sizes" in capsys.readouterr().err
+
+
 def test_compare_uses_bench_figures_when_both_sweeps_have_them():
     def benched(rows, scale):
         return [dict(r, bench_img_s=scale * r["model_only_img_s"] / 2, bench_vs_baseline=1.0, bench_vs_ideal=1.0) for r in rows]
@@ -283,6 +310,7 @@ def test_operator_colours_are_fixed_across_sweeps_with_other_operator_sets():
     from tpool_cli.style import OPERATOR_ORDER, op_style
 
     assert list(OPERATOR_ORDER) == [n for n in operator_names() if n != "none"]
+    assert len({op_style(n)["color"] for n in OPERATOR_ORDER}) == len(OPERATOR_ORDER)  # no two operators share a colour
 
     def colours(rows):
         ax = Figure().add_subplot()

@@ -277,12 +277,14 @@ def pareto_markdown(df: pd.DataFrame, cov: Optional[Coverage] = None) -> str:
         f"- weights: {weights}" + ("  \n  **random weights: accuracy is meaningless**" if b.get("random_init") else ""),
         f"- device: {b['device_name']}, {b['dtype']}, batch {b['batch_size']}; torch {b['torch']}, timm {b['timm']}",
         f"- baseline: top-1 {b['top1']:.2f}%, {b['gmacs']:.4f} GMACs, "
-        + (f"{b['model_only_img_s']:,.0f} img/s model-only" if _number(b["model_only_img_s"]) else "no model-only timing"),
+        + (f"{b['model_only_img_s']:,.0f} img/s model-only{ranks_suffix(df)}" if _number(b["model_only_img_s"]) else "no model-only timing"),
+        *([f"- **warning**: {world_size_note(df)}"] if world_size_note(df) else []),
         *_bench_lines(df),
         *_coverage_lines(cov),
         "",
         "GMACs per image from fvcore (1 multiply-add = 1 MAC); model img/s: forward pass only, device "
-        "synchronised, data already on the device; Δ top-1 in points vs. the baseline. "
+        "synchronised, data already on the device" + (" (under torchrun: the sum of the ranks' figures)" if max(world_sizes(df)) > 1 else "")
+        + "; Δ top-1 in points vs. the baseline. "
         "95% CI: Wilson score interval of the proportion over the images counted; flips +/−: images "
         "right only with the operator / only without it; p vs. base: McNemar's exact test on those flips "
         "(same images), * below 0.05, (u) unpaired (no per-image record: pooled two-proportion test); "
@@ -385,12 +387,7 @@ def plot(df: pd.DataFrame, out: Path, cov: Optional[Coverage] = None) -> list[Pa
 
     b = df[df["op"] == "none"].iloc[0]
     written = []
-    if has_bench(df):  # same-run ratios: rows of several bench runs stay comparable, as the frontier is
-        speed_col = "speedup"
-        speed_label = (f"speedup vs. the baseline ({b['bench_img_s']:,.0f} img/s; tpool bench, batch "
-                       f"{int(b['bench_batch_size'])}, {b['bench_dtype']}{', compiled' if b['bench_compile'] else ''})")
-    else:
-        speed_col, speed_label = "model_only_img_s", "model-only images/s"
+    speed_col, speed_label = speed_axis(df)
     specs = [("top1_vs_gmacs", "gmacs", "GMACs per image", "frontier"),
              ("top1_vs_speed", speed_col, speed_label, "frontier_speed")]
     with matplotlib.rc_context({"svg.hashsalt": "tpool", "svg.fonttype": "path"}):
@@ -417,6 +414,40 @@ def plot(df: pd.DataFrame, out: Path, cov: Optional[Coverage] = None) -> list[Pa
                 fig.savefig(path, format=suffix, metadata={"Date": None} if suffix == "svg" else None)
                 written.append(path)
     return written
+
+
+def speed_axis(df: pd.DataFrame) -> tuple[str, str]:
+    """(column, axis label) of the speed plot: the same-run bench speedup when the sweep has bench
+    figures (rows of several bench runs stay comparable, as the frontier is), else model-only
+    images/s, which under torchrun is the sum of the ranks' figures (they run at the same time)."""
+    b = df[df["op"] == "none"].iloc[0]
+    if has_bench(df):
+        return "speedup", (f"speedup vs. the baseline ({b['bench_img_s']:,.0f} img/s; tpool bench, batch "
+                           f"{int(b['bench_batch_size'])}, {b['bench_dtype']}{', compiled' if b['bench_compile'] else ''})")
+    return "model_only_img_s", "model-only images/s" + ranks_suffix(df)
+
+
+def world_sizes(df: pd.DataFrame) -> list[int]:
+    """The distinct ``world_size`` of the rows (torchrun ranks; 1 for rows without one), sorted."""
+    if "world_size" not in df.columns:
+        return [1]
+    sizes = pd.to_numeric(df["world_size"], errors="coerce").fillna(1).astype(int)
+    return sorted(set(sizes.tolist()))
+
+
+def ranks_suffix(df: pd.DataFrame) -> str:
+    """', sum over N ranks' when every row ran on the same N > 1 torchrun ranks, else ''."""
+    sizes = world_sizes(df)
+    return f", sum over {sizes[0]} ranks" if len(sizes) == 1 and sizes[0] > 1 else ""
+
+
+def world_size_note(df: pd.DataFrame) -> Optional[str]:
+    """A warning when the rows mix world sizes: their model-only img/s (a sum over ranks) do not compare."""
+    sizes = world_sizes(df)
+    if len(sizes) < 2:
+        return None
+    return (f"rows mix world sizes ({', '.join(map(str, sizes))} ranks): model-only img/s is a sum over "
+            "each row's ranks, so speeds of different world sizes do not compare")
 
 
 def _draw_operators(ax, df: pd.DataFrame, xcol: str, hollow_flagged: bool) -> None:
@@ -449,6 +480,9 @@ def _annotate(fig, df: pd.DataFrame, cov: Optional[Coverage], speed: bool) -> No
     if cov is not None and cov.partial:
         fig.text(0.5, 0.995, cov.banner().upper(), ha="center", va="top", fontsize=10, color="#b00020", weight="bold")
     notes = ["bars: 95% interval of top-1"]
+    mixed = world_size_note(df)
+    if speed and mixed:
+        notes.append(mixed)
     if speed and df["speed_note"].map(lambda v: isinstance(v, str)).any():
         notes.append("hollow: speed flagged (noisy or busy machine, see pareto.md)")
     if df["capped"].astype(bool).any():

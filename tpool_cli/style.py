@@ -15,13 +15,18 @@ import hashlib
 import re
 
 # ops._OPERATORS order, "none" excluded (kept equal by tests/test_report.py)
-OPERATOR_ORDER = ("topk", "random", "grid", "kmeans", "kmedoids", "wkmeans", "wkmedoids", "tome", "evit", "drop")
-# tab10 without grey (the frontier's colour) and black (the baseline's), then four more
+OPERATOR_ORDER = (
+    "topk", "random", "grid", "kmeans", "kmedoids", "wkmeans", "wkmedoids", "tome", "evit",
+    "atc", "dpcknn", "pitome", "tofu", "mctf", "drop",
+)
+# tab10 without grey (the frontier's colour) and black (the baseline's), then eight more from
+# tab20b; more colours than listed operators, so an unlisted one still gets a slot of its own
 COLOURS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-    "#393b79", "#637939", "#8c6d31", "#843c39",
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#e7ba52", "#ad494a",
 )
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d", "8")
+# filled markers but the baseline's star; the 15th operator repeats the first marker in its own colour
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d", "8", "H")
 LINESTYLES = ("-", "--", ":", "-.")
 
 

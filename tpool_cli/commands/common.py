@@ -26,12 +26,15 @@ def warn_random_weights() -> None:
 
 def finish_report(out: Path, rows: list[dict[str, Any]], fmt: str, gates: Sequence, all_rows: bool = False) -> int:
     """Write the files, print the frontier (or all points as JSON/CSV), check the gates: exit code."""
-    from ..report import check_gates, frontier_rich_table, write_report
+    from ..report import check_gates, frontier_rich_table, world_size_note, write_report
 
     rep = write_report(out, rows, all_rows=all_rows)
     if rep.coverage.partial:
         stderr.print(f"[yellow]{rep.coverage.banner()}[/yellow] in {out}: the report covers what is done", highlight=False)
     df = rep.frame
+    mixed = world_size_note(df)
+    if mixed:
+        stderr.print(f"[yellow]warning:[/yellow] {mixed}", highlight=False)
     b = df[df["op"] == "none"].iloc[0]
     if fmt == "json":
         sys.stdout.write(to_json({"out": str(out), "points": rows, "frontier": df[df["frontier"]]["key"].tolist()}))
