@@ -35,6 +35,25 @@ def test_swin_is_named_unsupported_with_the_reason(capsys):
     assert rows and all(not r["supported"] and "SwinTransformer" in r["reason"] for r in rows)
 
 
+def test_naflex_is_refused_by_the_patch_and_listed_with_the_reason(capsys):
+    """NaFlex passes the structural check (blocks, prefix tokens) but runs masked variable-resolution
+    sequences: check_supported refuses it by family, and `tpool models` shows that refusal."""
+    import timm
+    import torch
+
+    from tpool_cli.errors import TpoolError
+    from tpool_cli.patch import check_supported
+
+    with torch.device("meta"):
+        model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1)
+    with pytest.raises(TpoolError, match="NaFlexVit is not supported: NaFlex ViTs run variable-resolution"):
+        check_supported(model)
+    code, out = run(capsys, "naflexvit_base_patch16_gap", "--no-gmacs", "--format", "json")
+    (row,) = json.loads(out.out)["models"]
+    assert code == 0 and not row["supported"] and row["family"] == "NaFlexVit"
+    assert row["reason"].startswith("NaFlexVit is not supported: NaFlex ViTs run variable-resolution patch sequences")
+
+
 def test_table_names_the_reasons(capsys):
     code, out = run(capsys, "swin_tiny_patch4_window7_224", "--no-gmacs")
     assert code == 0 and "not patched by tpool" in out.out and "SwinTransformer" in out.out

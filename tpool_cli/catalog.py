@@ -39,13 +39,6 @@ FAMILY_EXAMPLES: tuple[str, ...] = (
 )
 
 
-# Families that pass the patch's structural check but that tpool cannot reduce correctly; the
-# reason is shown until the patch itself refuses them (check_supported is the one gate).
-KNOWN_UNSUPPORTED: dict[str, str] = {
-    "NaFlexVit": "NaFlexVit (variable-resolution NaFlex ViT) is not supported: its blocks run with per-image patch masks",
-}
-
-
 @dataclass
 class ModelInfo:
     """One timm model as tpool sees it."""
@@ -113,8 +106,8 @@ def describe(name: str, gmacs: bool = True) -> ModelInfo:
     except Exception as exc:  # noqa: BLE001 - a model timm cannot build this way is reported, not fatal
         return ModelInfo(name, "?", False, f"cannot be built: {type(exc).__name__}: {str(exc)[:120]}", None, None, "?", None, None)
     try:
-        check_supported(model)
-        reason = KNOWN_UNSUPPORTED.get(type(model).__name__)
+        check_supported(model)  # the one gate: refuses the families of patch.UNSUPPORTED_FAMILIES by name
+        reason = None
     except TpoolError as exc:
         reason = str(exc)
     pool = getattr(model, "global_pool", None)
