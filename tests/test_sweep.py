@@ -322,6 +322,29 @@ def test_pareto_bench_cli(setup, tmp_path, capsys):
     assert info.value.code == 2 and "--bench-batch-size, --bench-repeats go with --bench" in capsys.readouterr().err
 
 
+def test_pareto_retime_times_every_planned_point_again(tmp_path, capsys):
+    """`--retime` (issue 16): a second demo sweep times every planned point again, those already timed
+    included; bench.jsonl gains a row per point and the report shows the newest ones."""
+    from tpool_cli.report import load_rows
+
+    out = tmp_path / "demo"
+    args = ["pareto", "--ops", "topk", "--keep", "0.5", "--limit", "8", "--out", str(out), "-j", "0",
+            "--bench-steps", "1", "--bench-repeats", "1", "--bench-batch-size", "2"]
+    for extra in (["--bench"], ["--bench"], ["--retime"]):
+        with pytest.raises(SystemExit) as info:
+            main([*args, *extra])
+        assert info.value.code == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    planned = [plan["bench"][k] for k in plan["keys"]]  # bench keys of the planned points, baseline first
+    bench_rows = lines(out / "bench.jsonl")
+    assert len(planned) == 2 and len(bench_rows) == 4  # the plain rerun timed nothing, --retime both points again
+    assert sorted(r["key"] for r in bench_rows[:2]) == sorted(r["key"] for r in bench_rows[2:]) == sorted(planned)
+    newest = {r["key"]: r["bench_img_s"] for r in bench_rows[2:]}
+    shown = {plan["bench"][r["key"]]: r["bench_img_s"] for r in load_rows(out)}
+    assert shown == newest and shown != {r["key"]: r["bench_img_s"] for r in bench_rows[:2]}
+    assert f"{newest[planned[0]]:,.0f} img/s baseline" in (out / "pareto.md").read_text()
+
+
 def test_interrupted_bench_pass_keeps_every_accuracy_point(setup, tmp_path):
     from tpool_cli.bench import BenchSettings
     from tpool_cli.report import load_rows
