@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -172,6 +173,29 @@ def test_cli_table(tmp_path):
                  "--keep", "0.5", "--warmup", "0", "--steps", "1", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
     assert "op/ideal" in proc.stdout and "grid" in proc.stdout and "baseline img/s" in proc.stdout
+
+
+def test_rows_carry_the_speed_flag_and_the_table_shows_it(monkeypatch, capsys):
+    """Issue 16: a bench figure says how sure it is: spread of its runs, the machine's load, the flag
+    (speedflags.py, the fields a sweep's bench rows carry), in the payload and in `tpool bench`'s table."""
+    import tpool_cli.bench as bench_module
+    from tpool_cli.speedflags import speed_flag, spread
+
+    busy = {"cores": 2, "threads": 1, "wait_policy": None, "load1": 9.5}
+    monkeypatch.setattr(bench_module, "machine_load", lambda *args, **kwargs: busy)
+    report = bench(tiny_vit(), [(make_operator("topk"), Schedule(keep=0.5))], QUICK, "cpu", count_gmacs=False)
+    payload = report.payload("tiny")
+    (row,) = payload["results"]
+    assert row["bench_spread"] == spread(row["op_runs_img_s"]) and len(row["op_runs_img_s"]) == 2
+    assert row["bench_load"] == busy and row["bench_flag"] == speed_flag(row["bench_spread"], busy)
+    assert "busy: load 9.50 on 2 cores" in row["bench_flag"] and "busy: load 9.50" in payload["baseline"]["bench_flag"]
+    monkeypatch.setattr(bench_module, "spread", lambda runs: 0.05)  # a steady figure: the flag says only "busy"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", "deit_tiny_patch16_224", "--img-size", "32", "-b", "1", "--op", "grid", "--keep", "0.5",
+              "--warmup", "0", "--steps", "1", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "spread" in out and "notes" in out and re.search(r"│\s+5% │", out)
+    assert "│ busy: load 9.50 on 2 cores │" in out and "spread 5%; baseline busy: load 9.50 on 2 cores" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

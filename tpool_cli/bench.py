@@ -39,6 +39,7 @@ from .output import token_path as describe_tokens
 from .ops import TokenOperator, make_operator
 from .patch import patch, planned_counts, unpatch
 from .schedule import Schedule
+from .speedflags import machine_load, speed_flag, spread
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IDEAL_OP = "drop"
@@ -199,18 +200,32 @@ class BenchReport:
     baseline: Variant
     ideals: dict[tuple[int, ...], Variant]
     rows: list[BenchRow] = field(default_factory=list)
+    load: Optional[dict[str, Any]] = None  # the machine's load when the timing ended (speedflags.machine_load)
 
     def payload(self, model_name: str) -> dict[str, Any]:
-        """Everything, JSON-able: the environment, the settings, the shared variants and the rows."""
+        """Everything, JSON-able: the environment, the settings, the shared variants and the rows.
+
+        Each row and the baseline carry the spread of their timed runs and the speed flag
+        (speedflags.py, the same fields as a sweep's bench rows: ``bench_spread``, ``bench_load``,
+        ``bench_flag``), so a noisy figure or a busy machine is said next to the number."""
         extra = self.row_context(model_name)
+        rows = [r.row(self.settings, extra) for r in self.rows]
+        for row in rows:
+            row.update(self.speed_fields(row["op_runs_img_s"]))
+        base_runs = self.baseline.timing.runs_img_per_s if self.baseline.timing else None
         return {
             **extra,
             "torch": torch.__version__,
             "settings": asdict(self.settings),
-            "baseline": self.baseline.as_dict(),
+            "baseline": {**self.baseline.as_dict(), **self.speed_fields(base_runs)},
             "ideals": [v.as_dict() for v in self.ideals.values()],
-            "results": [r.row(self.settings, extra) for r in self.rows],
+            "results": rows,
         }
+
+    def speed_fields(self, runs: Optional[Sequence[float]]) -> dict[str, Any]:
+        """``bench_spread``, ``bench_load``, ``bench_flag`` of a figure from its per-repeat img/s."""
+        value = spread(runs)
+        return {"bench_spread": value, "bench_load": self.load, "bench_flag": speed_flag(value, self.load)}
 
     def row_context(self, model_name: str) -> dict[str, Any]:
         s = self.settings
@@ -417,6 +432,7 @@ def bench(
                 on_update(report)
         if not settings.compile:
             run.rounds(report, deadline, on_update)
+        report.load = machine_load(dev.type, torch.get_num_threads() if dev.type == "cpu" else None, dev.index or 0)
     finally:
         unpatch(model)
         if settings.compile:

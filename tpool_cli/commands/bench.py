@@ -94,22 +94,25 @@ def bench(
     payload = report.payload(model)
     rows = payload["results"]
     compiled = settings.compile
-    columns = ["op", "schedule", "patch tokens", "GMACs", "baseline img/s", "ideal img/s", "op img/s", "op/baseline", "op/ideal"]
+    columns = ["op", "schedule", "patch tokens", "GMACs", "baseline img/s", "ideal img/s", "op img/s", "spread", "op/baseline", "op/ideal"]
     if compiled:
         columns += ["compile s (op)"]
+    columns += ["notes"]
     lines = []
     for r in rows:
         line = [r["op"], r["schedule"], token_path(r["tokens_per_block"]), r["op_gmacs"] if r["op_gmacs"] is not None else "",
                 _num(r["baseline_img_s"]), _num(r["ideal_img_s"]), _num(r["op_img_s"]) if not r["error"] else "failed",
-                _ratio(r["op_vs_baseline"]), _ratio(r["op_vs_ideal"])]
+                _pct(r["bench_spread"]), _ratio(r["op_vs_baseline"]), _ratio(r["op_vs_ideal"])]
         if compiled:
             line.append(f"{r['op_compile_s']:.1f}" if r["op_compile_s"] is not None else "")
-        lines.append(line)
+        lines.append([*line, r["bench_flag"] or ""])
     base = payload["baseline"]
     caption = (
         f"{payload['device_name']}; batch {settings.batch_size}, amp {payload['amp']}, "
-        f"{'torch.compile mode ' + compile_mode if compiled else 'eager'}; baseline {base['gmacs'] or 0:.4f} GMACs; "
-        f"median of {settings.repeats} runs of {settings.steps} calls"
+        f"{'torch.compile mode ' + compile_mode if compiled else 'eager'}; baseline {base['gmacs'] or 0:.4f} GMACs, "
+        f"spread {_pct(base['bench_spread']) or '—'}{'; baseline ' + base['bench_flag'] if base['bench_flag'] else ''}; "
+        f"median of {settings.repeats} runs of {settings.steps} calls; spread: (max − min) / median of the op's runs; "
+        "notes: speed flags (noisy, busy machine: do not trust that figure)"
     )
     table = make_table(f"{model} @ {payload['img_size']}px: throughput (images/s)", columns, lines, caption=caption)
     for r in rows:
@@ -121,6 +124,10 @@ def bench(
 
 def _num(value: Optional[float]) -> str:
     return "" if value is None else f"{value:,.1f}"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.0%}"
 
 
 def _ratio(value: Optional[float]) -> str:
