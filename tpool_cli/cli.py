@@ -58,12 +58,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     from .distributed import error_line, prepare_process
 
-    prepare_process()  # under torchrun: ranks other than 0 print only errors
+    quiet = prepare_process()  # under torchrun: ranks other than 0 print only errors
+    if quiet:
+        from . import output
+
+        output.stdout.quiet = output.stderr.quiet = True
     _show_library_warnings()
     try:
         code = app(args=argv, standalone_mode=False)
     except TpoolError as exc:
-        _fail(error_line(exc), 2)  # under torchrun: said once, by rank 0 (distributed.error_line)
+        line = error_line(exc)  # under torchrun: said once, by rank 0 (distributed.error_line)
+        stderr.quiet = False  # a quiet rank may still say its own error
+        _fail(line, 2)
     except (typer.Abort, KeyboardInterrupt):
         stderr.print("[red]interrupted[/red]")
         sys.exit(130)

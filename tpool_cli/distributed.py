@@ -114,25 +114,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
                   "torchrun's summary names the rank)")
 
 
-def prepare_process() -> None:
+def prepare_process() -> bool:
     """Under torchrun: ranks other than 0 print nothing but errors; SIGTERM becomes one clear line.
 
-    Called once by the CLI before any command runs (cheap: reads the environment only).
+    Called once by the CLI before any command runs (cheap: reads the environment only). Returns
+    whether this rank must stay quiet: the CLI then silences its consoles (the library never
+    touches them); warnings and plain stdout are silenced here.
     """
     w = world()
     if w.size <= 1:
-        return
+        return False
     signal.signal(signal.SIGTERM, _on_sigterm)
     if w.rank == 0:
-        return
+        return False
     import warnings
 
-    from . import output
-
     warnings.simplefilter("ignore")
-    output.stdout.quiet = True
-    output.stderr.quiet = True
     sys.stdout = open(os.devnull, "w")
+    return True
 
 
 def error_line(exc: TpoolError) -> Optional[str]:
@@ -148,9 +147,6 @@ def error_line(exc: TpoolError) -> Optional[str]:
     w = world()
     if w.size <= 1 or w.rank == 0:
         return str(exc)
-    from . import output
-
-    output.stderr.quiet = False
     if isinstance(exc, ReplicatedError):
         return None
     if _State.group or w.local_rank == 0:
