@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+import tpool_cli.demo  # noqa: E402,F401  (registers tpool_digits_vit with timm)
 from tpool_cli.device import resolve_amp, resolve_device, synchronize  # noqa: E402
 from tpool_cli.finetune import distillation_loss  # noqa: E402
 from tpool_cli.patch import patch, unpatch  # noqa: E402

@@ -36,7 +36,7 @@ from timm.models.vision_transformer import Block  # noqa: E402
 
 from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
-from tpool_cli.ops import make_operator, operator_names  # noqa: E402
+from tpool_cli.ops import make_operators, operator_names  # noqa: E402
 from tpool_cli.ops.base import FEATURES, ReduceContext, Reduction, TokenOperator  # noqa: E402
 from tpool_cli.patch import Reducer, ReducingBlock, ReductionState  # noqa: E402
 
@@ -110,7 +110,13 @@ def main() -> None:
     candidates["attention (fused)"] = fused
     ideal = reducing_block(block, FreeReduction(), k, grid)
     candidates["ideal"] = lambda: ideal(x)
-    ops = [make_operator(name, iters=args.iters, features=args.features, init=args.init) for name in args.ops.split(",") if name]
+    # the clustering options go to the operators that have them (make_operators), the others ignore them
+    names = [name for name in args.ops.split(",") if name]
+    from tpool_cli.ops import option_types
+
+    known = {key for name in names for key in option_types(name)}
+    clustering = {k: v for k, v in dict(iters=args.iters, features=args.features, init=args.init).items() if k in known}
+    ops = make_operators(names, clustering)
     realised = {}
     for op in ops:
         needs = op.needs()
