@@ -186,25 +186,35 @@ def _class_folder(root: Path, classes: list[str]) -> Path:
         (["--op", "nope"], "unknown operator"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, extra, message):
-    args = ["finetune", "--op", "kmeans", "--out", str(tmp_path / "o"), "--max-steps", "1", *extra]
-    proc = _tpool(*args)
-    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
+    code, err = _main(["finetune", "--op", "kmeans", "--out", str(tmp_path / "o"), "--max-steps", "1", *extra], capsys)
+    assert code != 0 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 or "built-in demo" in err.splitlines()[0]
 
 
-def test_bad_folders_are_one_line(tmp_path):
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    """The CLI in this process (as test_cli does): exit code and stderr."""
+    from tpool_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_bad_folders_are_one_line(tmp_path, capsys):
     train = _class_folder(tmp_path / "train", ["0", "1"])
     val = _class_folder(tmp_path / "val", ["0", "2"])
     common = ["finetune", "--model", DEMO_MODEL, "--class-map", str(train / "classes.txt"), "--max-steps", "1"]
-    proc = _tpool(*common, "--data", str(train), "--val", str(val), "--out", str(tmp_path / "o"))
-    assert proc.returncode != 0 and "class(es) the train folder lacks" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _main([*common, "--data", str(train), "--val", str(val), "--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and "class(es) the train folder lacks" in err and "Traceback" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = _tpool(*common, "--data", str(empty), "--out", str(tmp_path / "o"))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.strip()
+    code, err = _main([*common, "--data", str(empty), "--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and "Traceback" not in err and err.strip()
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = _tpool(*common, "--data", str(train), "--out", str(blocker / "sub"))
-    assert proc.returncode != 0 and "cannot write to --out" in proc.stderr
-    proc = _tpool(*common, "--data", str(train), "--weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o"))
-    assert proc.returncode != 0 and "weights file not found" in proc.stderr
+    code, err = _main([*common, "--data", str(train), "--out", str(blocker / "sub")], capsys)
+    assert code != 0 and "cannot write to --out" in err
+    code, err = _main([*common, "--data", str(train), "--weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and "weights file not found" in err
