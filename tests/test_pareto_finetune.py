@@ -96,3 +96,40 @@ def test_bad_fine_tune_requests_are_one_clear_error():
         train_folder("somewhere", demo=False, class_map=None, settings=None)
     with pytest.raises(TpoolError, match="needs --train"):
         train_folder(None, demo=False, class_map=None, settings=FinetuneSettings(epochs=1))
+
+
+def test_a_sweep_killed_mid_fine_tune_continues_that_fine_tune(tmp_path):
+    from dataclasses import replace
+
+    from tpool_cli.data import scan_folder
+    from tpool_cli.demo import DEMO_MODEL, ensure_demo_data
+    from tpool_cli.models import load_model
+    from tpool_cli.sweep import SweepProgress, run_sweep
+    from tpool_cli.sweep_plan import plan_points
+
+    test, split = ensure_demo_data(), ensure_demo_data(split="train")
+    train = scan_folder(split.root, class_map=split.class_map)
+    train = replace(train, samples=train.samples[::48][:30])  # every class, two batches an epoch
+    recipe = FinetuneSettings(epochs=2, batch_size=16, lr=5e-4, warmup_epochs=0.0, crop_scale=1.0, hflip=0.0)
+    points = with_finetuned(plan_points(["kmeans"], [0.5]), recipe)
+
+    class KillInSecondEpoch(SweepProgress):
+        def point(self, label, total_images):
+            seen = [0]
+
+            def advance(n):
+                seen[0] += n
+                if label.startswith("fine-tune") and seen[0] > len(train):
+                    raise KeyboardInterrupt
+
+            return advance
+
+    def sweep(progress=None):
+        return run_sweep(load_model(DEMO_MODEL), test.root, points, tmp_path, class_map=test.class_map, limit=20,
+                         batch_size=16, workers=0, train=train, progress=progress)
+
+    first = sweep(KillInSecondEpoch())
+    assert first.interrupted and [r["op"] for r in first.rows] == ["none", "kmeans"]
+    second = sweep()
+    tuned = second.rows[-1]["finetune"]
+    assert second.evaluated == 1 and (tuned["resumed_epochs"], tuned["epochs_done"], tuned["updates"]) == (1, 2, 4)
