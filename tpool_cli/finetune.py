@@ -55,6 +55,9 @@ MODEL_NAME = "model.safetensors"  # the fine-tuned timm model, loadable with --w
 MODEL_RECORD_NAME = "model.json"
 LOG_NAME = "train_log.jsonl"
 RESULTS_NAME = "results.jsonl"
+# The built-in demo's recipe (a small model on digits, which are not flip-invariant): `tpool finetune` and
+# `tpool pareto --finetune-epochs` on the demo.
+DEMO_FINETUNE_DEFAULTS = {"lr": 5e-4, "crop_scale": 0.75, "hflip": 0.0}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from .store import write_text
 from .report_marks import (
     RANKING_HEADERS, Coverage, add_text_columns, add_uncertainty, coverage, mark_capped, mark_speed, ranking,
 )
-from .style import op_style, variant_linestyle
+from .style import finetuned_label, is_finetuned_label, op_name, op_style, variant_linestyle
 
 DROPS = (0.5, 1.0, 2.0)  # top-1 points the "GMACs saved" table allows to lose
 RUN_FIELDS = ("model", "weights_sha256", "weights", "data_fingerprint", "img_size", "dtype", "device")
@@ -140,6 +140,7 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         raise TpoolError("the results have no baseline point (op none)")
     b = base.iloc[0]
     df["op_name"] = df["op"].str.replace(r"\(.*\)$", "", regex=True)
+    _label_finetuned(df)
     df["delta_top1"] = (df["top1"] - b["top1"]).round(4)
     df["gmacs_saved_pct"] = (100.0 * (1.0 - df["gmacs"] / b["gmacs"])).round(3)
     if has_bench(df):
@@ -165,6 +166,21 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         df.loc[op_idx, "frontier_op"] = True
     df["_order"] = range(len(df))
     return df.sort_values(["gmacs", "_order"], ascending=[False, True], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def finetuned_mask(df: pd.DataFrame) -> pd.Series:
+    """Rows of fine-tuned points (tpool pareto --finetune-epochs): their record has a recipe."""
+    if "finetune" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["finetune"].map(lambda v: isinstance(v, dict) and "recipe" in v)
+
+
+def _label_finetuned(df: pd.DataFrame) -> None:
+    """A fine-tuned point's operator reads 'kmeans +ft 3 ep', so every table, line and frontier per
+    operator keeps it apart from the same operator off the shelf (nothing changes without one)."""
+    ft = finetuned_mask(df)
+    if ft.any():
+        df.loc[ft, "op"] = [finetuned_label(op, int(rec["epochs"])) for op, rec in zip(df.loc[ft, "op"], df.loc[ft, "finetune"])]
 
 
 def has_bench(df: pd.DataFrame) -> bool:
@@ -281,6 +297,7 @@ def pareto_markdown(df: pd.DataFrame, cov: Optional[Coverage] = None) -> str:
         *([f"- **warning**: {world_size_note(df)}"] if world_size_note(df) else []),
         *_bench_lines(df),
         *_coverage_lines(cov),
+        *_finetune_lines(df),
         "",
         "GMACs per image from fvcore (1 multiply-add = 1 MAC); model img/s: forward pass only, device "
         "synchronised, data already on the device" + (" (under torchrun: the sum of the ranks' figures)" if max(world_sizes(df)) > 1 else "")
@@ -322,6 +339,21 @@ def pareto_markdown(df: pd.DataFrame, cov: Optional[Coverage] = None) -> str:
     parts += _ranking_section(df)
     parts += ["## All points\n", markdown_table(*point_table(df))]
     return "\n".join(parts)
+
+
+def _finetune_lines(df: pd.DataFrame) -> list[str]:
+    """What '+ft E ep' means in the tables (none for a sweep off the shelf)."""
+    ft = df[finetuned_mask(df)]
+    if ft.empty:
+        return []
+    rec = ft.iloc[0]["finetune"]["recipe"]
+    return [
+        f"- fine-tuned: {len(ft)} point(s) marked *+ft E ep* were fine-tuned for E epochs with their operator in place "
+        f"(`tpool pareto --finetune-epochs`; lr {rec['lr']:g}, batch {rec['batch_size']}, "
+        f"{'distilled from the baseline' if rec['distill'] else 'no distillation'}"
+        + (f", at most {rec['max_steps']} updates" if rec.get("max_steps") else "")
+        + f"; {ft.iloc[0]['finetune'].get('train_files')} training files), the others are off the shelf",
+    ]
 
 
 def _coverage_lines(cov: Coverage) -> list[str]:
@@ -452,18 +484,27 @@ def world_size_note(df: pd.DataFrame) -> Optional[str]:
 
 def _draw_operators(ax, df: pd.DataFrame, xcol: str, hollow_flagged: bool) -> None:
     """One line per operator label from the baseline: fixed colour/marker, 95% interval bars,
-    capped points left out, points with a flagged speed hollow (on the speed plot)."""
+    capped points left out, points with a flagged speed hollow (on the speed plot). With fine-tuned
+    points, one plot, two styles: off the shelf solid with hollow markers, fine-tuned dashed and filled."""
     variants: dict[str, int] = {}
     base = df[df["op"] == "none"].iloc[:1]
+    tuned = bool(finetuned_mask(df).any())
     for op in ops_of(df):
         style = op_style(op)
-        name = op_name_of(op)
+        ft = is_finetuned_label(op)
+        name = op_name(op) + (" ft" if ft else "")
         index = variants[name] = variants.get(name, -1) + 1
+        if not tuned:
+            ls = variant_linestyle(index)
+        else:  # off the shelf solid, fine-tuned dashed; further variants dotted, dash-dotted
+            ls = ("--" if ft else "-") if index == 0 else variant_linestyle(index + 1)
         sub = pd.concat([base, df[(df["op"] == op) & ~df["capped"].astype(bool)]]).sort_values(xcol, kind="stable")
         err = [(sub["top1"] - sub["top1_lo"]).clip(lower=0).fillna(0), (sub["top1_hi"] - sub["top1"]).clip(lower=0).fillna(0)]
-        ax.errorbar(sub[xcol], sub["top1"], yerr=err, color=style["color"], ls=variant_linestyle(index), lw=1.4,
-                    elinewidth=0.7, capsize=2, alpha=0.9, label=op)
+        ax.errorbar(sub[xcol], sub["top1"], yerr=err, color=style["color"], ls=ls, lw=1.4,
+                    elinewidth=0.7, capsize=2, alpha=0.9, label=op if ft or not tuned else f"{op} (off the shelf)")
         flagged = sub["speed_note"].map(lambda v: isinstance(v, str)) if hollow_flagged else sub["op"].map(lambda v: False)
+        if tuned:
+            flagged = flagged | pd.Series(not ft, index=sub.index)  # off the shelf: hollow markers
         for hollow, part in ((False, sub[~flagged]), (True, sub[flagged])):
             if len(part):
                 ax.plot(part[xcol], part["top1"], ls="none", marker=style["marker"], ms=5, mec=style["color"],
@@ -483,6 +524,8 @@ def _annotate(fig, df: pd.DataFrame, cov: Optional[Coverage], speed: bool) -> No
     mixed = world_size_note(df)
     if speed and mixed:
         notes.append(mixed)
+    if finetuned_mask(df).any():
+        notes.append("dashed, filled: fine-tuned with the operator in place (+ft E ep); solid, hollow: off the shelf")
     if speed and df["speed_note"].map(lambda v: isinstance(v, str)).any():
         notes.append("hollow: speed flagged (noisy or busy machine, see pareto.md)")
     if df["capped"].astype(bool).any():

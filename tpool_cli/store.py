@@ -28,7 +28,9 @@ KEY_FIELDS = (
     "dtype", "device", "prop_attn", "seed",
     # throughput depends on these too: a point timed otherwise is not reused next to fresh ones
     "device_name", "batch_size", "compile", "torch", "timm", "tpool",
+    "finetune",  # tpool pareto --finetune-epochs: the recipe and train data (absent off the shelf)
 )
+FINETUNE_KEY_FIELDS = ("epochs", "recipe", "train_fingerprint")  # of a row's finetune record
 # Point-key fields a timing on a synthetic batch does not depend on.
 DATA_FIELDS = ("data_fingerprint", "batch_size")
 # What a point row gains from its bench row (the report's speed figures when present).
@@ -54,6 +56,10 @@ def point_identity(row: dict[str, Any]) -> dict[str, Any]:
     ident["weights_id"] = weights_id
     if ident["r"] is None:
         del ident["r"]  # keep/tokens points: the same key as before r schedules existed
+    if isinstance(ident["finetune"], dict) and "recipe" in ident["finetune"]:  # the recipe, not how far a resumed run got or where it wrote
+        ident["finetune"] = {k: ident["finetune"].get(k) for k in FINETUNE_KEY_FIELDS}
+    else:
+        del ident["finetune"]  # off the shelf: the same key as before fine-tuned points existed
     return ident
 
 

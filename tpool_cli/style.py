@@ -28,11 +28,21 @@ COLOURS = (
 # filled markers but the baseline's star; the 15th operator repeats the first marker in its own colour
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d", "8", "H")
 LINESTYLES = ("-", "--", ":", "-.")
+FINETUNED_SUFFIX = r" \+ft \d+ ep$"  # the report's label of a fine-tuned point's operator: 'kmeans +ft 3 ep'
+
+
+def finetuned_label(label: str, epochs: int) -> str:
+    """The operator label of a point fine-tuned for ``epochs`` (tpool pareto --finetune-epochs)."""
+    return f"{label} +ft {epochs} ep"
+
+
+def is_finetuned_label(label: str) -> bool:
+    return re.search(FINETUNED_SUFFIX, str(label)) is not None
 
 
 def op_name(label: str) -> str:
-    """The registry name of an operator label: 'kmeans(iters=3)' -> 'kmeans'."""
-    return re.sub(r"\(.*\)$", "", str(label))
+    """The registry name of an operator label: 'kmeans(iters=3)' -> 'kmeans', 'kmeans +ft 3 ep' -> 'kmeans'."""
+    return re.sub(r"\(.*\)$", "", re.sub(FINETUNED_SUFFIX, "", str(label)))
 
 
 def _slot(name: str) -> int:

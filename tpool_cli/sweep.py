@@ -33,6 +33,7 @@ from .store import (  # noqa: F401  (KEY_FIELDS, PLAN_FILE, point_identity: re-e
 )
 from .sweep_bench import bench_key, bench_points, merge_bench, read_bench
 from .sweep_plan import DEFAULT_KEEPS, Point, plan_points  # noqa: F401  (re-exported)
+from .sweep_finetune import FINETUNE_DIR, check_train, finetune_identity, finetuned_model
 from .patch import unpatch
 
 
@@ -92,6 +93,8 @@ class _Run:
     seed: int
     cache: str
     fingerprint: str
+    train: Optional[ImageFolder] = None  # what fine-tuned points train on (--finetune-epochs)
+    train_fingerprint: Optional[str] = None
 
     @property
     def depth(self) -> int:
@@ -118,6 +121,7 @@ def run_sweep(
     cache: str = "auto",
     bench: Optional[BenchSettings] = None,
     retime: bool = False,
+    train: Optional[str | Path | ImageFolder] = None,
     progress: Optional[SweepProgress] = None,
     log: Log = warn,
 ) -> SweepResult:
@@ -140,6 +144,8 @@ def run_sweep(
         bench: after the accuracy pass, time every point as ``tpool bench`` does (see
             :mod:`tpool_cli.sweep_bench`) and add those figures to the rows.
         retime: time every point again, those already in ``bench.jsonl`` included (the newer figures win).
+        train: the train folder of the fine-tuned points (``Point.finetune``; same label space as
+            ``data``, scanned with ``class_map``), each fine-tuned into ``out/finetune/<point key>/``.
         progress: callbacks for progress bars (:class:`SweepProgress`).
         log: where warnings go (default: the ``tpool_cli`` logger).
 
@@ -147,6 +153,7 @@ def run_sweep(
     """
     progress = progress or SweepProgress()
     run = _prepare(model, data, out, class_map, limit, device, amp, batch_size, workers, compile, prop_attn, seed, cache)
+    run = _with_train(run, train, class_map, points)
     store = ResultsStore(run.out / RESULTS_FILE, log)
     if not resume and is_main():  # under torchrun rank 0 alone touches the files of OUT
         _start_over(store.path, run.out / BENCH_FILE, log)
@@ -188,6 +195,17 @@ def _prepare(
     return _Run(model, folder, out, dev, amp, batch_size, workers, compile, prop_attn, seed, cache, fp)
 
 
+def _with_train(run: _Run, train: Optional[str | Path | ImageFolder], class_map: Optional[str | Path],
+                points: Sequence[Point]) -> _Run:
+    """The run with its train folder scanned, checked against the data and fingerprinted (fine-tuned points)."""
+    if train is None or not any(p.finetune is not None for p in points):
+        check_train(None, run.folder, points)
+        return run
+    folder = train if isinstance(train, ImageFolder) else scan_folder(train, class_map=class_map)
+    check_train(folder, run.folder, points)
+    return replace(run, train=folder, train_fingerprint=fingerprint(folder, data_config(run.model.model)))
+
+
 def _start_over(results: Path, bench: Path, log: Log) -> None:
     """Move the earlier results and bench figures aside (bench figures start over with the results)."""
     for path in (results, bench):
@@ -212,6 +230,7 @@ def _plan(
             **model_config(net, run.model), **versions(), "data_fingerprint": run.fingerprint, "dtype": dtype,
             "device": run.device.type, "device_name": device_name(run.device), "batch_size": run.batch_size,
             "compile": run.compile,
+            **({"finetune": finetune_identity(point.finetune, run.train_fingerprint)} if point.finetune else {}),
         }
         planned.append((point, point_key(ident)))
         if bench is not None:
@@ -259,11 +278,14 @@ def _accuracy_pass(
 def _evaluate_point(
     run: _Run, point: Point, key: str, decoded: DecodedImages, progress: SweepProgress
 ) -> Optional[dict[str, Any]]:
-    """One point's result row (None when interrupted), checked against its planned key."""
-    point.apply(run.model.model, prop_attn=run.prop_attn, seed=run.seed)
+    """One point's result row (None when interrupted), checked against its planned key.
+
+    A fine-tuned point is first fine-tuned (:func:`tpool_cli.sweep_finetune.finetuned_model`), then
+    its fine-tuned copy is evaluated on the same decoded images."""
     label = point.label(run.depth)
+    loaded, record = _point_model(run, point, key, progress, label)
     res = evaluate(
-        run.model, decoded, device=run.device, amp=run.amp, batch_size=run.batch_size, compile=run.compile,
+        loaded, decoded, device=run.device, amp=run.amp, batch_size=run.batch_size, compile=run.compile,
         progress=global_progress(progress.point(label, len(run.folder))),  # under torchrun: every rank's images
         keep_predictions=True,
     )
@@ -271,6 +293,8 @@ def _evaluate_point(
         return None
     row = res.row(skipped_paths=False)
     row["correct1_bits"] = correct_record(res, run.folder)  # per-image top-1, to pair points (stats.py)
+    if point.finetune is not None:
+        row["finetune"] = {**finetune_identity(point.finetune, run.train_fingerprint), **record}
     row.update(
         key=key, data_fingerprint=run.fingerprint, point=label, cache=decoded.storage,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -278,6 +302,24 @@ def _evaluate_point(
     if point_key(row) != key:  # the row must describe what was planned
         raise RuntimeError(f"point {label}: key of the result differs from the plan")
     return row
+
+
+def _point_model(
+    run: _Run, point: Point, key: str, progress: SweepProgress, label: str
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model a point is evaluated with: the sweep's, patched; or a fine-tuned copy of it (and its record)."""
+    if point.finetune is None:
+        point.apply(run.model.model, prop_attn=run.prop_attn, seed=run.seed)
+        return run.model, {}
+    assert run.train is not None
+    total = point.finetune.epochs * len(run.train)
+    if point.finetune.max_steps is not None:
+        total = min(total, point.finetune.max_steps * point.finetune.batch_size)
+    advance = progress.point(f"fine-tune {label}", total) if is_main() else (lambda n: None)
+    return finetuned_model(
+        run.model, point, run.train, run.out / FINETUNE_DIR / key, device=run.device, amp=run.amp,
+        prop_attn=run.prop_attn, seed=run.seed, workers=run.workers, advance=advance,
+    )
 
 
 def _bench_pass(

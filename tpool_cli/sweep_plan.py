@@ -14,6 +14,7 @@ from torch import nn
 
 from .demo import DEMO_KEEPS
 from .errors import TpoolError
+from .finetune import FinetuneSettings
 from .ops import TokenOperator
 from .patch import patch, unpatch
 from .profile import build_configs
@@ -24,10 +25,14 @@ DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration of the sweep; ``operator`` None is the unpatched baseline."""
+    """One configuration of the sweep; ``operator`` None is the unpatched baseline.
+
+    ``finetune``: the point is evaluated after fine-tuning the model with its operator in place
+    (``tpool pareto --finetune-epochs``, :mod:`tpool_cli.sweep_finetune`); None: off the shelf."""
 
     operator: Optional[TokenOperator] = None
     schedule: Optional[Schedule] = None
+    finetune: Optional[FinetuneSettings] = None
 
     @property
     def is_baseline(self) -> bool:
@@ -36,7 +41,8 @@ class Point:
     def label(self, depth: int) -> str:
         if self.operator is None or self.schedule is None:
             return "baseline"
-        return f"{self.operator.label()} {self.schedule.describe(depth)}"
+        tail = f" +ft {self.finetune.epochs} ep" if self.finetune is not None else ""
+        return f"{self.operator.label()} {self.schedule.describe(depth)}{tail}"
 
     def apply(self, model: nn.Module, prop_attn: Optional[bool] = None, seed: int = 0) -> None:
         """Patch ``model`` for this point (or restore the plain model for the baseline)."""

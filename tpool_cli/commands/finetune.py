@@ -15,7 +15,6 @@ from ..cli_options import (
 from ..errors import TpoolError
 from ..output import make_table, stderr, stdout
 
-DEMO_DEFAULTS = {"lr": 5e-4, "crop_scale": 0.75, "hflip": 0.0}  # digits: small model, not flip-invariant
 
 
 def finetune(
@@ -84,7 +83,9 @@ def finetune(
         data, val, class_map = train_data.root, val_data.root, train_data.class_map
         stderr.print(f"[cyan]built-in demo:[/cyan] fine-tuning {DEMO_MODEL} on its {train_data.num_images} training digits, "
                      f"evaluating on the {val_data.num_images} test digits", highlight=False)
-    defaults = DEMO_DEFAULTS if demo else {}
+    from ..finetune import DEMO_FINETUNE_DEFAULTS  # digits: small model, not flip-invariant
+
+    defaults = DEMO_FINETUNE_DEFAULTS if demo else {}
     settings = FinetuneSettings(
         epochs=epochs, lr=lr if lr is not None else defaults.get("lr", 1e-4), warmup_epochs=warmup_epochs,
         weight_decay=weight_decay, batch_size=batch_size, label_smoothing=label_smoothing, distill=distill,

@@ -29,6 +29,11 @@ BenchOpt = Annotated[bool, typer.Option("--bench", help="Also time every point a
 BenchBatchOpt = Annotated[Optional[int], typer.Option("--bench-batch-size", min=1, help="Synthetic batch of --bench (default: --batch-size).")]
 BenchStepsOpt = Annotated[Optional[int], typer.Option("--bench-steps", min=1, help="Timed calls per run with --bench (default 50 on CUDA, 5 on CPU).")]
 RetimeOpt = Annotated[bool, typer.Option("--retime", help="Time every point again with the bench pass (implies --bench), those already timed included; the newer figures win.")]
+FinetuneEpochsOpt = Annotated[int, typer.Option("--finetune-epochs", min=0, help="Also fine-tune every reducing point for E epochs with its operator in place (tpool finetune's recipe) and evaluate it: the frontier off the shelf and after E epochs side by side (0: off the shelf only).")]
+TrainOpt = Annotated[Optional[Path], typer.Option("--train", help="Train folder of --finetune-epochs (same classes and class map as --data; default on the demo: its training split).")]
+FinetuneLrOpt = Annotated[Optional[float], typer.Option("--finetune-lr", help="Peak learning rate of --finetune-epochs (default 1e-4, the demo 5e-4).")]
+FinetuneStepsOpt = Annotated[Optional[int], typer.Option("--finetune-max-steps", min=1, help="Stop each point's fine-tune after this many updates (a quick try).")]
+FinetuneBatchOpt = Annotated[Optional[int], typer.Option("--finetune-batch-size", min=1, help="Images per update of --finetune-epochs (default 64).")]
 BenchRepeatsOpt = Annotated[Optional[int], typer.Option("--bench-repeats", min=1, help="Timed runs per point with --bench (default 3); the median is kept.")]
 
 
@@ -65,6 +70,11 @@ def pareto(
     bench_steps: BenchStepsOpt = None,
     bench_repeats: BenchRepeatsOpt = None,
     retime: RetimeOpt = False,
+    finetune_epochs: FinetuneEpochsOpt = 0,
+    train: TrainOpt = None,
+    finetune_lr: FinetuneLrOpt = None,
+    finetune_max_steps: FinetuneStepsOpt = None,
+    finetune_batch_size: FinetuneBatchOpt = None,
     threads: ThreadsOpt = None,
     fail_below: FailBelowOpt = None,
     fmt: FormatOpt = "table",
@@ -78,6 +88,7 @@ def pareto(
     from ..report import parse_gate
     from ..sweep import run_sweep
     from ..sweep_bench import sweep_bench_settings
+    from ..sweep_finetune import sweep_finetune_settings, train_folder, with_finetuned
     from ..sweep_plan import plan_points, sweep_keeps, validate_points
     from ..lock import SweepLock
     from ..threads import set_threads
@@ -104,20 +115,28 @@ def pareto(
     # 2. the workload, the plan and the model (a bad schedule fails here, before OUT is touched)
     work = resolve_workload(model, data, class_map, "pareto")
     announce(work)
+    recipe = sweep_finetune_settings(finetune_epochs, work.demo, lr=finetune_lr, max_steps=finetune_max_steps,
+                                     batch_size=finetune_batch_size, seed=seed)
     points = plan_points(names, sweep_keeps(keeps, token_list, work.demo, rs), layer_list, token_list, rs, **options)
+    points = with_finetuned(points, recipe)
     folder = scan_folder(work.data, class_map=work.class_map, limit=limit)
+    train_data = train_folder(train, work.demo, work.class_map, recipe)
     # seeded: the same random weights on every run, so a resumed sweep stays consistent
     loaded = load_model(work.model, weights=weights, random_init=random_init, img_size=img_size, seed=seed)
     if random_init:
         warn_random_weights()
     validate_points(points, loaded.model)
     lock = SweepLock.acquire(out) if is_main() else None  # noqa: F841  a second sweep on OUT fails here, before any work (lock.py)
-    stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}", highlight=False)
+    tuned = sum(p.finetune is not None for p in points)
+    stderr.print(f"{len(points)} points ({len(points) - 1} + baseline) on {len(folder)} files -> {out}"
+                 + (f"; {tuned} fine-tuned for {finetune_epochs} epoch(s) on {len(train_data)} training files" if tuned else ""),
+                 highlight=False)
     # 3. the sweep, then what it did, the report and the exit code
     with RichSweepProgress() as progress:
         result = run_sweep(
             loaded, folder, points, out, device=dev, amp=amp, batch_size=batch_size, workers=workers, resume=resume,
-            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, retime=retime, progress=progress,
+            compile=compile, prop_attn=prop_attn, seed=seed, cache=cache, bench=timing, retime=retime, train=train_data,
+            progress=progress,
         )
     if not is_main():  # under torchrun rank 0 alone reports and writes the tables and plots
         sys.exit(130 if result.interrupted else 0)
