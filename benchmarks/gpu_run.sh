@@ -78,14 +78,14 @@ section operators_0.7 45 bash -c "set -o pipefail; '$PY' benchmarks/operators.py
 section operators_0.5 35 bash -c "set -o pipefail; '$PY' benchmarks/operators.py --device '$DEVICE' --batch '$BATCH' --keep 0.5 | tee '$OUT/operators_0.5.md'"
 
 # 3. What the float32 distance matmul costs, and which assignments tf32/bf16 would change
-section distance_precision 35 bash -c "set -o pipefail; '$PY' benchmarks/distance_precision.py --device '$DEVICE' --batch '$BATCH' | tee '$OUT/distance_precision.txt'"
+section distance_precision 60 bash -c "set -o pipefail; '$PY' benchmarks/distance_precision.py --device '$DEVICE' --batch '$BATCH' | tee '$OUT/distance_precision.txt'"
 
 # 4. The CLI itself (defaults on CUDA: batch 256, bf16), one operator, JSON
 section cli_bench 40 "$PY" -m tpool_cli bench --device "$DEVICE" --model "$MODEL" -b "$BATCH" --op topk --keep 0.7 \
     --steps 10 --repeats 2 --format json --output "$OUT/cli_bench.json"
 
 # 4b. A sweep with bench figures on the device: the built-in demo (its data is generated locally)
-section pareto_bench 40 "$PY" -m tpool_cli pareto --device "$DEVICE" --keep 0.7 --ops topk,grid,wkmedoids,tome --bench \
+section pareto_bench 90 "$PY" -m tpool_cli pareto --device "$DEVICE" --keep 0.7 --ops topk,grid,wkmedoids,tome --bench \
     --out "$OUT/pareto_bench" --format json --no-resume
 
 # 5. torch.compile (mode default), last because it is the slowest: all operators at the first keep

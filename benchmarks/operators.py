@@ -48,7 +48,10 @@ class FreeReduction(TokenOperator):
     name = "ideal"
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        return Reduction(x[:, :k], ctx.sizes[:, :k])
+        b, n = x.shape[:2]
+        keep = torch.arange(n, device=x.device)
+        assignment = torch.where(keep < k, keep, -1).expand(b, n)  # the template's contract: always an assignment
+        return Reduction(x[:, :k], ctx.sizes[:, :k], assignment)
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -120,7 +123,7 @@ def main() -> None:
     realised = {}
     for op in ops:
         needs = op.needs()
-        ctx = ReduceContext(sizes=sizes, grid=grid, seed=0, **{f: all_features[f] for f in needs})
+        ctx = ReduceContext(sizes=sizes, grid=grid, seed=0, num_prefix=1, layer=0, depth=12, **{f: all_features[f] for f in needs})
         realised[op.name] = op.realise(n, k, grid)
         candidates[f"{op.name}: op"] = (lambda op=op, ctx=ctx, kk=realised[op.name]: op(patches, kk, ctx))
         candidates[f"{op.name}: attention + features"] = (
