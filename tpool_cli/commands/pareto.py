@@ -112,6 +112,9 @@ def pareto(
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=None, r=r, sweep=True)
     names = split_names(ops)
     options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    from ..ops import make_operators
+
+    make_operators(names, options)  # an option no selected operator has fails here, before the demo is announced
     # 2. the workload, the plan and the model (a bad schedule fails here, before OUT is touched)
     work = resolve_workload(model, data, class_map, "pareto")
     announce(work)
