@@ -109,7 +109,7 @@ def test_size_weighted_avg_pool_is_the_mean_over_original_patches():
 def test_rope_follows_the_kept_tokens(family, op, images):
     """After a pruning (or K-Medoids) each token's rope is its own original patch's: the next block equals
     timm's own EvaBlock run on the reduced tokens with the rope rows gathered at those patches."""
-    from tpool_cli.adapters.eva import gather_rope
+    from tpool_cli.adapters.rope import gather_rope
 
     model = FAMILIES[family]()
     patch(model, op, keep=0.5, layers=(0,), track=True)
@@ -130,20 +130,21 @@ def test_rope_follows_the_kept_tokens(family, op, images):
 
 def test_rope_positions_of_a_merge():
     """Two identical tokens at patches p=3 and q=10 merged: K-Means (no representative) gives the size-weighted
-    mean position and the rope of the member nearest to it (ties: the lower index); K-Medoids its medoid's."""
+    mean position and, with position="nearest", the rope of the member nearest to it (ties: the lower
+    index); K-Medoids its medoid's. (The rope at the mean itself: tests/test_rope.py.)"""
     positions = torch.tensor([[[0.0, 3.0], [1.0, 2.0], [0.0, 1.0]]])  # three tokens, sizes 1, 3, 1
     index = torch.tensor([[3, 10, 1]])
     sizes = torch.tensor([[1.0, 3.0, 1.0]])
     assignment = torch.tensor([[0, 0, 1]])
     mean_out = Reduction(torch.zeros(1, 2, 4), torch.tensor([[4.0, 1.0]]), assignment)
-    pos, rope = follow_positions(positions, index, sizes, mean_out, 2)
+    pos, rope = follow_positions(positions, index, sizes, mean_out, 2, "nearest")
     torch.testing.assert_close(pos, torch.tensor([[[0.75, 2.25], [0.0, 1.0]]]))
     assert rope.tolist() == [[10, 1]]  # (1, 2) is nearer to (0.75, 2.25) than (0, 3)
     equal = torch.ones(1, 3)
-    pos, rope = follow_positions(positions[:, [0, 0, 2]] * 0 + positions[:, :1], index, equal, mean_out, 2)
+    pos, rope = follow_positions(positions[:, [0, 0, 2]] * 0 + positions[:, :1], index, equal, mean_out, 2, "nearest")
     assert rope.tolist() == [[3, 1]]  # a tie goes to the lower index
     medoid_out = Reduction(torch.zeros(1, 2, 4), torch.tensor([[4.0, 1.0]]), assignment, representative=torch.tensor([[1, 2]]))
-    pos, rope = follow_positions(positions, index, sizes, medoid_out, 2)
+    pos, rope = follow_positions(positions, index, sizes, medoid_out, 2, "representative")
     assert rope.tolist() == [[10, 1]] and torch.equal(pos, positions[:, 1:])
 
 
@@ -165,7 +166,7 @@ def test_tome_rope_position_is_the_destination(num_prefix):
     assert torch.equal(out.assignment.gather(1, out.representative), torch.arange(n - 1).unsqueeze(0))
     i = torch.arange(n)
     positions = torch.stack([i // 4, i % 4], dim=-1).float().unsqueeze(0)
-    pos, rope = follow_positions(positions, i.unsqueeze(0) + 100, sizes, out, n - 1)
+    pos, rope = follow_positions(positions, i.unsqueeze(0) + 100, sizes, out, n - 1, "representative")
     assert torch.equal(pos[0, merged], positions[0, q]) and rope[0, merged] == 100 + q
     assert torch.equal(pos[0], positions[0, out.representative[0]])
 

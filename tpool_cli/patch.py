@@ -17,6 +17,7 @@ operator returns (sizes from the operator itself, the source map by :func:`follo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from .adapters import BlockAdapter, adapter_for
-from .adapters.eva import gather_rope
 from .adapters.heads import install_sized_pool, remove_sized_pool
+from .adapters.rope import affine_rope_problem, gather_rope, rope_at_positions
 from .attention import attend
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
@@ -34,6 +35,8 @@ from .ops.common import follow_source, hash32, nearest_member, replay_mean, repl
 from .patch_config import PatchConfig
 from .recon import reconstruction_error
 from .schedule import Schedule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,8 @@ class ReductionState:
     uses_rope: bool = False
     positions: Optional[torch.Tensor] = None  # B x N x 2 float32 (row, col) in patch units, None = the grid
     rope_index: Optional[torch.Tensor] = None  # B x N long: original patch whose rope rows a token uses
+    rope_between: bool = False  # the model's rope can be evaluated between patches (adapters/rope.py)
+    fractional: bool = False  # this forward: some position is a mean, rope is evaluated at positions
 
     def begin(self, x: torch.Tensor) -> None:
         """Reset at the start of a forward pass (called by block 0)."""
@@ -66,24 +71,41 @@ class ReductionState:
         self.source = None
         self.positions = None
         self.rope_index = None
+        self.fractional = False
         self.grid = self.initial_grid if self.initial_grid and self.initial_grid[0] * self.initial_grid[1] == self.n0 else None
         self.counts = {}
         self.history = []
         self.diagnostics = []
 
-    def follow(self, out: Reduction, sizes: torch.Tensor) -> None:
+    def follow(self, out: Reduction, sizes: torch.Tensor, position: Optional[str] = None) -> None:
         """Replay one reduction on the side tensors: the source map (under ``track``), rope positions.
 
-        ``sizes`` are the input tokens' sizes (the weights of a mean position).
+        ``sizes`` are the input tokens' sizes (the weights of a mean position); ``position`` is the
+        operator's ``position`` option (None: the operator has none), see :func:`follow_positions`.
         """
         if self.track:
             self.source = follow_source(self.source, out.assignment)
             self.history.append(self.source)
         if self.uses_rope:
             positions = self.positions if self.positions is not None else initial_positions(self, sizes)
-            index = self.rope_index if self.rope_index is not None else torch.arange(sizes.shape[1], device=sizes.device).expand_as(sizes)
+            index = self.rope_index
+            if index is None and not self.fractional:
+                index = torch.arange(sizes.shape[1], device=sizes.device).expand_as(sizes)
+            rule = position_rule(out, position, exact=self.rope_between and self.grid_known)
             k = out.tokens.shape[1]
-            self.positions, self.rope_index = follow_positions(positions, index, sizes, out, k)
+            self.positions, self.rope_index = follow_positions(positions, index, sizes, out, k, rule)
+            self.fractional = self.fractional or rule == "mean"
+
+    @property
+    def grid_known(self) -> bool:
+        """The unreduced grid is the model's (rope between patches needs its rows and columns)."""
+        return self.initial_grid is not None and self.n0 == self.initial_grid[0] * self.initial_grid[1]
+
+    def token_rope(self, rope: torch.Tensor) -> torch.Tensor:
+        """The rope of the current tokens from the block's full-grid table (see adapters/rope.py)."""
+        if self.fractional:
+            return rope_at_positions(rope, self.positions, self.initial_grid)
+        return gather_rope(rope, self.rope_index)
 
     def block_seed(self, index: int) -> int:
         """The seed random operators use at block ``index``: a plain int, so compiled graphs bake it in."""
@@ -98,19 +120,36 @@ def initial_positions(state: ReductionState, sizes: torch.Tensor) -> torch.Tenso
     return torch.stack([torch.div(i, cols, rounding_mode="floor"), i % cols], dim=-1).float().expand(b, n, 2)
 
 
-def follow_positions(
-    positions: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, out: Reduction, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and rope indices after a reduction.
+def position_rule(out: Reduction, position: Optional[str], exact: bool) -> str:
+    """How output positions follow a reduction: "representative", "mean" or "nearest".
 
-    An operator that names a representative per output (pruning, K-Medoids, ``drop``) hands it
-    its representative's position and rope; otherwise a merged token's position is the
-    size-weighted mean of its members' positions, and its rope is that of the member nearest to
-    that mean (ties: the lowest index): rope is not evaluated at fractional coordinates.
+    An operator's ``position`` option decides where it has one ("destination" = its
+    representative, ToMe's reading); otherwise a reduction that names a representative per output
+    (pruning, K-Medoids, ToMe) uses it and any other takes the size-weighted mean. A mean is
+    evaluated exactly only when the model's rope allows it (``exact``); else the nearest member's.
     """
-    if out.representative is not None:
-        return replay_take(positions, out.representative), index.gather(1, out.representative)
+    if out.representative is not None and position in (None, "destination"):
+        return "representative"
+    return "mean" if exact and position != "nearest" else "nearest"
+
+
+def follow_positions(
+    positions: torch.Tensor, index: Optional[torch.Tensor], sizes: torch.Tensor, out: Reduction, k: int, rule: str = "nearest"
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Positions and rope indices after a reduction, by :func:`position_rule`'s ``rule``.
+
+    "representative": each output takes its representative's position and rope row. Otherwise a
+    merged token's position is the size-weighted mean of its members' positions; "nearest" gives
+    it the rope row of the member nearest to that mean (ties: the lowest index), "mean" the rope
+    evaluated at the mean itself (no index: the rope follows the positions from now on).
+    ``index`` is None once positions are fractional (an earlier "mean").
+    """
+    if rule == "representative":
+        taken = None if index is None else index.gather(1, out.representative)
+        return replay_take(positions, out.representative), taken
     mean = replay_mean(positions, sizes, out.assignment, k)
+    if rule == "mean" or index is None:
+        return mean, None
     return mean, index.gather(1, nearest_member(positions, out.assignment, mean))
 
 
@@ -140,7 +179,7 @@ class Reducer(nn.Module):
         )
         out = self.operator(patches, k, ctx)
         st.sizes, st.grid = out.sizes, out.grid
-        st.follow(out, sizes)
+        st.follow(out, sizes, getattr(self.operator, "position", None))
         if st.diagnose:
             st.diagnostics.append(
                 {
@@ -206,7 +245,7 @@ class ReducingBlock(nn.Module):
         h = ad.norm1(blk, x)
         rope = kwargs.get("rope")
         if rope is not None:
-            rope = gather_rope(rope, st.rope_index)
+            rope = st.token_rope(rope)
         q, key, v = ad.qkv(blk, h, rope, st.num_prefix)
         out, features = attend(q, key, v, ad.spec(blk), self._bias(x), self._needs(k < n), st.num_prefix)
         x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
@@ -320,6 +359,11 @@ def patch(
             model.blocks[i], i, targets.get(i), Reducer(operator, state, i), remove=removals.get(i), keep=rate
         )
     state.uses_rope = any(blk.adapter.uses_rope for blk in model.blocks) and getattr(model, "rope", None) is not None
+    if state.uses_rope and operator.merges:
+        problem = affine_rope_problem(model, grid)
+        state.rope_between = problem is None
+        if problem:
+            log.warning("rope between patches is not evaluated for %s: %s; a merged token uses its nearest member's rope", type(model).__name__, problem)
     install_sized_pool(model, state, operator.merges)
     model.tpool_state = state
     model.tpool_schedule = schedule

@@ -6,10 +6,11 @@ embeddings to the patch tokens inside the attention; LayerScale is ``gamma_1``/`
 when off); the MLP may be a SwiGLU (``GluMlp``/``SwiGLU``), which is just ``blk.mlp`` here.
 
 Rope after a reduction: the ``Eva`` model passes every block the rope of the full patch grid
-(one tensor, or one per block for mixed rope). Each token carries the index of the original
-patch whose position it uses (``ReductionState.rope_index``, replayed through every reduction,
-see patch.py), and a reducing block gathers the rope rows at those indices, as timm's own patch
-dropout does with ``apply_keep_indices_nlc``.
+(one tensor, or one per block for mixed rope). Each token carries its position
+(``ReductionState.positions``, replayed through every reduction, see patch.py): a kept token or a
+representative its original patch's, whose rope rows the reducing block gathers (as timm's own
+patch dropout does with ``apply_keep_indices_nlc``); a merged token the size-weighted mean of its
+members', at which the rope is evaluated (``adapters/rope.py``).
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ from timm.models.eva import EvaAttention, EvaBlock
 from torch import nn
 
 from .base import BlockAdapter
-
-
-def gather_rope(rope: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-    """Rope rows of the current tokens: ``rope`` (N0 x d, or H x N0 x d for mixed rope) at ``index`` (B x N).
-
-    Returns a tensor that broadcasts against B x H x N x d (B x 1 x N x d, or B x H x N x d);
-    ``index`` None (nothing reduced yet) returns ``rope`` unchanged.
-    """
-    if index is None:
-        return rope
-    rows = rope.index_select(-2, index.reshape(-1)).unflatten(-2, index.shape)  # (..., B, N, d)
-    rows = rows.movedim(-3, 0)
-    return rows.unsqueeze(1) if rows.dim() == 3 else rows
 
 
 def eva_qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from .base import KEYS, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 
 Linkage = Literal["average", "complete", "single"]
@@ -125,7 +125,7 @@ def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -
 
 
 @dataclass(frozen=True)
-class ATC(TokenOperator):
+class ATC(MeanPosition, TokenOperator):
     """Agglomerative Token Clustering of the keys (see the module docstring)."""
 
     name = "atc"

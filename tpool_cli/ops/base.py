@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 
@@ -210,11 +210,33 @@ class TokenOperator:
         raise NotImplementedError
 
     def options(self) -> dict[str, object]:
-        """This operator's option values, for result rows."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """This operator's option values, for result rows (an option added later is left out at its
+        default, ``KEY_WHEN_SET``, so results stored before it existed keep their keys)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not (f.metadata.get("key_when_set") and getattr(self, f.name) == f.default)
+        }
 
     def label(self) -> str:
         """Name plus non-default options, e.g. 'topk(score=received)'."""
         defaults = type(self)()
         changed = [f"{k}={v}" for k, v in self.options().items() if getattr(defaults, k) != v]
         return self.name + (f"({','.join(changed)})" if changed else "")
+
+
+# metadata of an option added after results existed: left out of result rows and keys at its default
+KEY_WHEN_SET = {"key_when_set": True}
+
+
+@dataclass(frozen=True)
+class MeanPosition:
+    """The ``position`` option of operators whose merged token sits at its members' mean position.
+
+    It only matters in rope models (the Eva family), where every token carries a position:
+    "mean" (default) evaluates the rotary embedding at the size-weighted mean of the members'
+    positions; "nearest" uses the rope of the member nearest to that mean (a real patch position,
+    the reading before rope was evaluated between patches). Tokens of one keep their own either way.
+    """
+
+    position: Literal["mean", "nearest"] = field(default="mean", metadata=KEY_WHEN_SET)

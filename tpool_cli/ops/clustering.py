@@ -41,7 +41,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 
 from ..errors import TpoolError
-from .base import KEYS, SIGNIFICANCE, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, SIGNIFICANCE, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import gather_tokens, pool_by_assignment, squared_distances
 
 # Significance below this is treated as this (only reachable by underflow): keeps every weight > 0
@@ -234,7 +234,7 @@ class _Clustering(TokenOperator):
 
 
 @dataclass(frozen=True)
-class KMeans(_Clustering):
+class KMeans(MeanPosition, _Clustering):
     """Token Pooling with K-Means: tokens are replaced by size-weighted cluster means."""
 
     name = "kmeans"
@@ -251,7 +251,7 @@ class KMedoids(_Clustering):
 
 
 @dataclass(frozen=True)
-class WeightedKMeans(_Clustering):
+class WeightedKMeans(MeanPosition, _Clustering):
     """K-Means with weights significance x size (the seed paper's weighted clustering)."""
 
     name = "wkmeans"

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import torch
 
 from ..errors import TpoolError
-from .base import KEYS, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import flat_rows, gather_tokens, hash_uniform, squared_distances
 
 NOISE = 1e-6  # the reference's tie-breaking noise amplitude
@@ -90,7 +90,7 @@ def weighted_merge(x: torch.Tensor, weights: torch.Tensor, assignment: torch.Ten
 
 
 @dataclass(frozen=True)
-class DPCKNN(TokenOperator):
+class DPCKNN(MeanPosition, TokenOperator):
     """Density-peaks clustering with k-nearest-neighbour density (see the module docstring)."""
 
     name = "dpcknn"

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .base import CLS_ATTN, ReduceContext, Reduction, TokenOperator
+from .base import CLS_ATTN, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import gather_tokens
 
 MIN_ATTENTION = 1e-20
@@ -66,7 +66,7 @@ def evit_tokens(n: int, keep: float) -> int:
 
 
 @dataclass(frozen=True)
-class EViT(TokenOperator):
+class EViT(MeanPosition, TokenOperator):
     """Keep the top K-1 tokens by class-token attention, fuse the others into one."""
 
     name = "evit"

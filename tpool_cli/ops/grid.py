@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..errors import TpoolError
-from .base import ReduceContext, Reduction, TokenOperator
+from .base import MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 
 
@@ -48,7 +48,7 @@ def grid_cells(rows: int, cols: int, out_rows: int, out_cols: int, device: torch
 
 
 @dataclass(frozen=True)
-class GridPool(TokenOperator):
+class GridPool(MeanPosition, TokenOperator):
     name = "grid"
     summary = "2D average pooling over the patch grid (content-blind)"
     merges = True

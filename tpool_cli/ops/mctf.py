@@ -32,7 +32,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .base import KEYS, RECEIVED, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, RECEIVED, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 from .tofu import sequence_split
 
@@ -108,7 +108,7 @@ def fusion_assignment(
 
 
 @dataclass(frozen=True)
-class MCTF(TokenOperator):
+class MCTF(MeanPosition, TokenOperator):
     """Multi-criteria (similarity, informativeness, size) bidirectional token fusion; see the module docstring."""
 
     name = "mctf"

@@ -30,7 +30,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import KEYS, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 
 
@@ -82,7 +82,7 @@ def bsm_assignment(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tens
 
 
 @dataclass(frozen=True)
-class PiToMe(TokenOperator):
+class PiToMe(MeanPosition, TokenOperator):
     """Energy-ordered merging that protects the isolated (informative) tokens; see the module docstring."""
 
     name = "pitome"

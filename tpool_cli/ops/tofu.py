@@ -29,7 +29,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .base import KEYS, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import gather_tokens, pool_by_assignment
 
 
@@ -96,7 +96,7 @@ def mlerp_rescale(
 
 
 @dataclass(frozen=True)
-class ToFu(TokenOperator):
+class ToFu(MeanPosition, TokenOperator):
     """ToMe matching that prunes early and merges with norm-preserving averaging later (module docstring)."""
 
     name = "tofu"

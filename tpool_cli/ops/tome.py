@@ -19,7 +19,8 @@ Follows facebookresearch/ToMe ``tome/merge.py`` ``bipartite_soft_matching`` and 
   B token in order. The next block's split parity depends on this order.
 * Each output names its representative (``Reduction.representative``): an unmerged A token is
   itself, a B token is ToMe's destination, so a merged token keeps the destination's rope
-  position (ToMe's code has no positions to follow; the destination is the token that stays).
+  position (ToMe's code has no positions to follow; the destination is the token that stays);
+  ``position="mean"`` gives it the size-weighted mean position instead (rope evaluated there).
 
 Differences that are rounding only: unit keys as k / sqrt(k . k) (one fused op the FLOP count
 sees) against ToMe's k / ||k||, and the weighted sums' accumulation order.
@@ -27,13 +28,13 @@ sees) against ToMe's k / ||k||, and the weighted sums' accumulation order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .base import KEYS, ReduceContext, Reduction, TokenOperator
+from .base import KEY_WHEN_SET, KEYS, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 
 
@@ -100,6 +101,9 @@ class ToMe(TokenOperator):
     summary = "ToMe: merge the r most similar A-B pairs (bipartite matching of keys), size-weighted"
     merges = True
     default_prop_attn = True  # ToMe's apply_patch(prop_attn=True)
+    # rope models only: a merged token's position is its destination's (ToMe's token that stays),
+    # or the size-weighted mean of the pair ("mean", rope evaluated there; "nearest": the nearer member's)
+    position: Literal["destination", "mean", "nearest"] = field(default="destination", metadata=KEY_WHEN_SET)
 
     def needs(self) -> frozenset[str]:
         return frozenset({KEYS})

@@ -1,0 +1,117 @@
+"""Rotary embeddings of reduced tokens: rows of the full grid, or the embedding at any position.
+
+The ``Eva`` model hands every block the rope of the full patch grid: ``cat([sin, cos])`` along the
+last dimension, N0 x 2D (one table for all heads), or H x N0 x 2D for mixed rope (one per block).
+After a reduction a token's rope is either
+
+* the row of one original patch (:func:`gather_rope`): a kept token, a medoid, ToMe's
+  destination, exactly timm's own numbers (its patch dropout gathers the same way), or
+* the embedding at a fractional position (:func:`rope_at_positions`): a token that stands for the
+  size-weighted mean of its members' positions.
+
+Why the second is exact for every timm rope (``RotaryEmbeddingCat`` with or without
+``ref_feat_shape``, ``RotaryEmbeddingMixed``, ``RotaryEmbeddingDinoV3``, their coordinate
+augmentations included): each of them computes sin and cos of an angle that is *affine* in the
+patch's (row, col) index, channel by channel (the grid coordinates are affine in the index:
+``index * scale + offset`` or DINOv3's centred ``2 (index + 0.5) / size - 1``; the angle is
+coordinate x frequency). Reading the table at three patches, (0, 0), (0, 1) and (1, 0), gives
+each channel's angle at the origin and its step per column and per row, and so its angle at any
+(row, col). A step is read modulo 2 pi, so this holds when every channel turns by less than pi
+per patch: true of these ropes at their trained grids (temperature bands turn by at most 1 rad x
+the ``ref_feat_shape`` scale per patch, DINOv3's by 4 pi / grid side, mixed rope's initial
+frequencies by at most 1 rad). :func:`affine_rope_problem` checks a model's table at patch time
+and the patch falls back to the nearest member's row where it fails (logged).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+# a step this close to pi per patch may be an aliased faster rotation: not trusted
+MAX_STEP = 0.9 * math.pi
+# reconstruction error at the integer grid above which a table is not affine in the patch index
+MAX_ERROR = 1e-3
+
+
+def gather_rope(rope: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rope rows of the current tokens: ``rope`` (N0 x d, or H x N0 x d for mixed rope) at ``index`` (B x N).
+
+    Returns a tensor that broadcasts against B x H x N x d (B x 1 x N x d, or B x H x N x d);
+    ``index`` None (nothing reduced yet) returns ``rope`` unchanged.
+    """
+    if index is None:
+        return rope
+    rows = rope.index_select(-2, index.reshape(-1)).unflatten(-2, index.shape)  # (..., B, N, d)
+    rows = rows.movedim(-3, 0)
+    return rows.unsqueeze(1) if rows.dim() == 3 else rows
+
+
+def _wrap(angle: torch.Tensor) -> torch.Tensor:
+    """An angle difference brought into (-pi, pi]."""
+    return torch.atan2(angle.sin(), angle.cos())
+
+
+def rope_field(rope: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(angle at patch (0, 0), step per row, step per column), each (..., D), of a rope table (..., N0, 2D)."""
+    sin, cos = rope.float().tensor_split(2, -1)
+    angle = torch.atan2(sin, cos)  # (..., N0, D), each channel's angle modulo 2 pi
+    rows, cols = grid
+    origin = angle[..., 0, :]
+    per_col = _wrap(angle[..., 1, :] - origin) if cols > 1 else torch.zeros_like(origin)
+    per_row = _wrap(angle[..., cols, :] - origin) if rows > 1 else torch.zeros_like(origin)
+    return origin, per_row, per_col
+
+
+def rope_at_positions(rope: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The rope of tokens at (row, col) ``positions`` (B x N x 2, patch units, may be fractional).
+
+    ``rope`` is the block's full-grid table (N0 x 2D or H x N0 x 2D) on a ``grid`` of rows x cols.
+    Returns B x 1 x N x 2D (or B x H x N x 2D), in the table's dtype, laid out as the table.
+    """
+    origin, per_row, per_col = rope_field(rope, grid)  # (..., D)
+    lead = origin.dim() - 1  # 0, or 1 for per-head tables
+    shape = (positions.shape[0],) + (1,) * lead + (positions.shape[1], 1)
+    row = positions[..., 0].float().reshape(shape)
+    col = positions[..., 1].float().reshape(shape)
+    angle = origin.unsqueeze(-2) + row * per_row.unsqueeze(-2) + col * per_col.unsqueeze(-2)  # B x (H x) N x D
+    out = torch.cat([angle.sin(), angle.cos()], dim=-1).to(rope.dtype)
+    return out.unsqueeze(1) if lead == 0 else out
+
+
+def affine_rope_problem(model: nn.Module, grid: Optional[tuple[int, int]]) -> Optional[str]:
+    """Why the rope of ``model`` cannot be evaluated between patches (None when it can).
+
+    Rebuilds the model's full-grid table (without coordinate augmentation) and checks that the
+    affine reading of :func:`rope_field` reproduces it at every patch and that no channel turns
+    by pi or more per patch.
+    """
+    rope = getattr(model, "rope", None)
+    if rope is None or grid is None:
+        return "the model has no rope module or no patch grid"
+    was_training = rope.training
+    try:
+        rope.train(False)
+        with torch.no_grad():
+            table = rope.get_embed() if getattr(rope, "feat_shape", None) is not None else rope.get_embed(shape=list(grid))
+    except Exception as exc:  # an unknown rope module: its rows are still used, between patches is not evaluated
+        return f"its rope table could not be rebuilt ({type(exc).__name__}: {exc})"
+    finally:
+        rope.train(was_training)
+    if not isinstance(table, torch.Tensor) or table.shape[-2] != grid[0] * grid[1]:
+        return "its rope table does not have one row per patch of the grid"
+    table = table.float()
+    _, per_row, per_col = rope_field(table, grid)
+    if max(per_row.abs().max().item(), per_col.abs().max().item()) > MAX_STEP:
+        return "a rope channel turns by nearly pi or more per patch (its angle between patches is ambiguous)"
+    i = torch.arange(grid[0] * grid[1])
+    integer = torch.stack([torch.div(i, grid[1], rounding_mode="floor"), i % grid[1]], dim=-1).float().unsqueeze(0)
+    rebuilt = rope_at_positions(table, integer, grid)
+    rebuilt = rebuilt[0, 0] if table.dim() == 2 else rebuilt[0]
+    error = (rebuilt - table).abs().max().item()
+    if error > MAX_ERROR:
+        return f"its rope is not affine in the patch position (max error {error:.2g} at the grid)"
+    return None
