@@ -52,6 +52,17 @@ def test_drop_keeps_the_first_k_tokens():
     assert make_operator("drop").needs() == frozenset()  # fused attention in every block
 
 
+def test_ratios_pair_the_runs_of_a_round():
+    """A machine twice as slow in round 2 slows both variants: the paired ratio sees no change."""
+    from tpool_cli.bench import paired_ratio
+
+    assert paired_ratio([10.0, 5.0, 10.0], [20.0, 10.0, 20.0]) == 0.5
+    assert paired_ratio([10.0, 5.0, 5.0], [20.0, 10.0, 20.0]) == 0.5  # the ratio of the medians would say 5 / 20
+    assert paired_ratio([12.0, 6.0, 11.0], [10.0, 10.0, 10.0]) == pytest.approx(1.1)
+    assert paired_ratio([12.0, 6.0], [10.0, 10.0, 10.0]) == pytest.approx(0.9)  # unequal runs: medians
+    assert paired_ratio([], [1.0]) is None
+
+
 def test_rows_are_complete_and_consistent():
     model = tiny_vit()
     configs = build_configs(["topk", "grid", "random"], (0.5,), (1, 2), None)
@@ -64,8 +75,12 @@ def test_rows_are_complete_and_consistent():
         assert r["error"] is None and r["device"] == "cpu" and r["compile"] is False and r["op_compile_s"] is None
         for key in ("baseline_img_s", "ideal_img_s", "op_img_s"):
             assert r[key] > 0 and math.isfinite(r[key])
-        assert r["op_vs_ideal"] == pytest.approx(r["op_img_s"] / r["ideal_img_s"], rel=1e-3)
-        assert r["op_vs_baseline"] == pytest.approx(r["op_img_s"] / r["baseline_img_s"], rel=1e-3)
+        # ratios pair the runs of each round (two rounds: the median is their mean)
+        ideal_runs = next(i["runs_img_per_s"] for i in payload["ideals"] if i["tokens_per_block"] == r["tokens_per_block"])
+        base_runs = payload["baseline"]["runs_img_per_s"]
+        want = sum(o / i for o, i in zip(r["op_runs_img_s"], ideal_runs)) / 2
+        assert r["op_vs_ideal"] == pytest.approx(want, rel=2e-3)
+        assert r["op_vs_baseline"] == pytest.approx(sum(o / b for o, b in zip(r["op_runs_img_s"], base_runs)) / 2, rel=2e-3)
         # FLOPs: the ideal has the operator's token counts and costs no more than the operator
         assert r["ideal_gmacs"] <= r["op_gmacs"] < r["baseline_gmacs"]
         assert len(r["tokens_per_block"]) == 4

@@ -155,8 +155,9 @@ class BenchRow:
         def rate(v: Variant) -> Optional[float]:
             return v.timing.img_per_s if v.timing else None
 
-        def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-            return round(a / b, 4) if a is not None and b else None
+        def ratio(a: Variant, b: Variant) -> Optional[float]:
+            value = paired_ratio(a.timing.runs_img_per_s, b.timing.runs_img_per_s) if a.timing and b.timing else None
+            return round(value, 4) if value is not None else None
 
         def compile_s(v: Variant) -> Optional[float]:
             return round(v.timing.first_call_s, 3) if settings.compile and v.timing else None
@@ -173,9 +174,9 @@ class BenchRow:
             "baseline_img_s": _round(base_rate),
             "ideal_img_s": _round(ideal_rate),
             "op_img_s": _round(op_rate),
-            "op_vs_baseline": ratio(op_rate, base_rate),
-            "op_vs_ideal": ratio(op_rate, ideal_rate),
-            "ideal_vs_baseline": ratio(ideal_rate, base_rate),
+            "op_vs_baseline": ratio(self.operator, self.baseline),
+            "op_vs_ideal": ratio(self.operator, self.ideal),
+            "ideal_vs_baseline": ratio(self.ideal, self.baseline),
             "baseline_gmacs": _round(self.baseline.gmacs, 6),
             "ideal_gmacs": _round(self.ideal.gmacs, 6),
             "op_gmacs": _round(self.operator.gmacs, 6),
@@ -239,6 +240,21 @@ class BenchReport:
             "compile": s.compile,
             "compile_mode": s.compile_mode if s.compile else None,
         }
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    """Speed of A relative to B: the median over rounds of A's run / B's run in the same round.
+
+    In eager mode round r times every variant once, one after the other (:meth:`_Bench.rounds`),
+    so the two runs of a pair are seconds apart and a change of the machine's speed between
+    rounds (another job starting) cancels in their ratio; the ratio of the two medians would
+    keep it. Runs of unequal count (a variant that failed part-way) fall back to that ratio.
+    """
+    if not a or not b or min(b) <= 0:
+        return None
+    if len(a) != len(b):
+        return statistics.median(a) / statistics.median(b)
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _round(value: Optional[float], digits: int = 3) -> Optional[float]:
