@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
+from .tome import realise_bipartite
 
 
 def energy_scores(keys: torch.Tensor, margin: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +100,7 @@ class PiToMe(MeanPosition, TokenOperator):
         return frozenset({KEYS})
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
-        k = max(1, min(k, n))
-        return n - min(n - k, n // 2)
+        return realise_bipartite(n, k)
 
     def block_margin(self, layer: int, depth: int) -> float:
         """The margin at block ``layer`` (a Python float: compiled graphs bake it in)."""

@@ -31,6 +31,7 @@ import torch
 
 from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import gather_tokens, pool_by_assignment
+from .tome import realise_bipartite
 
 
 def sequence_split(n: int, num_prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +113,7 @@ class ToFu(MeanPosition, TokenOperator):
         return frozenset({KEYS})
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
-        k = max(1, min(k, n))
-        return n - min(n - k, n // 2)
+        return realise_bipartite(n, k)
 
     def prunes(self, layer: int, depth: int) -> bool:
         """Whether block ``layer`` prunes (True) or merges: the reference prunes blocks 0 .. depth // 2."""

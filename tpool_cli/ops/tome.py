@@ -43,6 +43,16 @@ def max_merges(n: int) -> int:
     return n // 2
 
 
+def realise_bipartite(n: int, k: int) -> int:
+    """Tokens out of a bipartite matching asked for k of n: at most :func:`max_merges` removed.
+
+    The ``realise`` of every operator that merges by one A-B matching per block (ToMe, PiToMe,
+    ToFu, MCTF), whose references all cap r at half the tokens.
+    """
+    k = max(1, min(k, n))
+    return n - min(n - k, max_merges(n))
+
+
 def _split_scores(keys: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, int, int, int]:
     """ToMe's A x B score matrix over the whole sequence (prefix rows/columns -inf).
 
@@ -109,8 +119,7 @@ class ToMe(TokenOperator):
         return frozenset({KEYS})
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
-        k = max(1, min(k, n))
-        return n - min(n - k, max_merges(n))
+        return realise_bipartite(n, k)
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         n = x.shape[1]
