@@ -26,11 +26,11 @@ from torch import nn
 from .adapters import BlockAdapter, adapter_for
 from .adapters.eva import gather_rope
 from .adapters.heads import install_sized_pool, remove_sized_pool
-from .attention import attend
+from .attention import apply_weights, attend, attend_ahead
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction
-from .ops.common import follow_source, hash32, nearest_member, replay_mean, replay_take
+from .ops.common import follow_source, hash32, nearest_member, pool_attention, replay_mean, replay_take
 from .patch_config import PatchConfig
 from .recon import reconstruction_error
 from .schedule import Schedule
@@ -123,7 +123,11 @@ class Reducer(nn.Module):
         self.state = state
         self.index = index
 
-    def forward(self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor], attention: Optional[torch.Tensor] = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The tokens after the operator; with ``attention`` (B x H x T x T, a reduce-before-attention
+        block's), also that attention pooled by the same reduction (:func:`pool_attention`)."""
         st = self.state
         p = st.num_prefix
         prefix, patches = x[:, :p], x[:, p:]
@@ -151,7 +155,11 @@ class Reducer(nn.Module):
                     "recon_weighted": reconstruction_error(patches, out.tokens, sizes, features[SIGNIFICANCE]),
                 }
             )
-        return torch.cat([prefix, out.tokens], dim=1)
+        tokens = torch.cat([prefix, out.tokens], dim=1)
+        if attention is None:
+            return tokens
+        weights = out.weights if out.weights is not None else sizes
+        return tokens, pool_attention(attention, out.assignment, weights, out.tokens.shape[1], p)
 
 
 class ReducingBlock(nn.Module):
@@ -207,11 +215,32 @@ class ReducingBlock(nn.Module):
         rope = kwargs.get("rope")
         if rope is not None:
             rope = gather_rope(rope, st.rope_index)
+        if k < n and self.reducer.operator.reduces_before_attention():
+            return self._forward_ahead(x, h, k, rope)
         q, key, v = ad.qkv(blk, h, rope, st.num_prefix)
         out, features = attend(q, key, v, ad.spec(blk), self._bias(x), self._needs(k < n), st.num_prefix)
         x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
         if k < n:
             x = self.reducer(x, k, features)
+        return ad.mlp_residual(blk, x)
+
+    def _forward_ahead(self, x: torch.Tensor, h: torch.Tensor, k: int, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        """Reduce before the attention (an operator with ``reduces_before_attention``, MCTF's one-step-ahead).
+
+        The attention weights of the unreduced tokens (q and k only, proportional bias of the
+        current sizes) give the operator its features; the operator reduces the block's *input*
+        tokens; those weights, pooled by the same reduction, are applied to the values of the
+        reduced tokens (formed from them: v of the unreduced tokens is never computed), then the
+        attention residual and the MLP run on the reduced tokens, as the reference's block does.
+        """
+        blk, ad, st = self.block, self.adapter, self.state
+        spec = ad.spec(blk)
+        q, key = ad.qk(blk, h, rope, st.num_prefix)
+        weights, features = attend_ahead(q, key, spec, self._bias(x), self._needs(True), st.num_prefix)
+        x, pooled = self.reducer(x, k, features, weights)
+        h = ad.norm1(blk, x)
+        out = apply_weights(pooled, ad.values(blk, h), spec)
+        x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
         return ad.mlp_residual(blk, x)
 
     def _bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -122,6 +122,11 @@ class MCTF(TokenOperator):
     bidirectional: bool = True
     pooling: Literal["attention", "size"] = "attention"  # attention: weights attention x size (pooling_type 1)
     metric: Literal["tokens", "keys"] = "tokens"  # tokens: the official code; keys: PiToMe's port
+    # fuse the block's input before its attention and reuse that attention, pooled (the official mctf_type[4] = 1)
+    one_step_ahead: bool = True
+
+    def reduces_before_attention(self) -> bool:
+        return self.one_step_ahead
 
     def needs(self) -> frozenset[str]:
         wanted = {RECEIVED} if self.tau_info > 0 or self.pooling == "attention" else set()
@@ -147,4 +152,4 @@ class MCTF(TokenOperator):
         if self.pooling == "attention":
             weights = received[:, p:].float() * ctx.sizes.float()
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, n - r, weights)
-        return Reduction(tokens, sizes, assignment)
+        return Reduction(tokens, sizes, assignment, weights=weights)
