@@ -5,7 +5,10 @@ its family's attention through the family's adapter (``tpool_cli/adapters``: q/k
 biases and q/k-norm, the attention branch, LayerScale) and the shared :func:`attend` (fused
 attention kept where the operator's features allow), then, if the schedule says so, hands the patch tokens
 to the operator between the attention and the MLP (as ToMe and EViT do), so the MLP already runs
-on fewer tokens. Prefix tokens (class, distillation, registers) are split off before the operator
+on fewer tokens. An operator whose ``reduces_before_attention()`` is true (MCTF's one-step-ahead
+attention) is handed the block's input instead, with the features of that block's attention on
+the unreduced tokens; the attention, pooled by the same reduction, is then applied to the reduced
+tokens' values, so it is not recomputed (:meth:`ReducingBlock._forward_ahead`). Prefix tokens (class, distillation, registers) are split off before the operator
 and put back in front unchanged.
 
 Until the first reduction, a wrapped block calls the original timm block untouched, so keep rate
@@ -58,6 +61,8 @@ class ReductionState:
     uses_rope: bool = False
     positions: Optional[torch.Tensor] = None  # B x N x 2 float32 (row, col) in patch units, None = the grid
     rope_index: Optional[torch.Tensor] = None  # B x N long: original patch whose rope rows a token uses
+    # a reduce-before-attention block's attention pooled by its reduction (Reducer -> that block, read once)
+    pooled_attention: Optional[torch.Tensor] = None
 
     def begin(self, x: torch.Tensor) -> None:
         """Reset at the start of a forward pass (called by block 0)."""
@@ -125,9 +130,10 @@ class Reducer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor], attention: Optional[torch.Tensor] = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The tokens after the operator; with ``attention`` (B x H x T x T, a reduce-before-attention
-        block's), also that attention pooled by the same reduction (:func:`pool_attention`)."""
+    ) -> torch.Tensor:
+        """The tokens after the operator. With ``attention`` (B x H x T x T, a reduce-before-attention
+        block's), that attention pooled by the same reduction (:func:`pool_attention`, operator work,
+        so counted here) is left in ``state.pooled_attention`` for the block."""
         st = self.state
         p = st.num_prefix
         prefix, patches = x[:, :p], x[:, p:]
@@ -155,15 +161,15 @@ class Reducer(nn.Module):
                     "recon_weighted": reconstruction_error(patches, out.tokens, sizes, features[SIGNIFICANCE]),
                 }
             )
-        tokens = torch.cat([prefix, out.tokens], dim=1)
-        if attention is None:
-            return tokens
-        weights = out.weights if out.weights is not None else sizes
-        return tokens, pool_attention(attention, out.assignment, weights, out.tokens.shape[1], p)
+        if attention is not None:
+            weights = out.weights if out.weights is not None else sizes
+            st.pooled_attention = pool_attention(attention, out.assignment, weights, out.tokens.shape[1], p)
+        return torch.cat([prefix, out.tokens], dim=1)
 
 
 class ReducingBlock(nn.Module):
-    """A block of any supported family with an operator between its attention and its MLP.
+    """A block of any supported family with an operator between its attention and its MLP (or, for an
+    operator that ``reduces_before_attention``, ahead of its attention, which it then reuses).
 
     Generic: what differs between families (q/k/v, the attention branch, the residuals) comes from
     ``adapter`` (chosen by the block's exact class, ``tpool_cli/adapters``).
@@ -237,7 +243,8 @@ class ReducingBlock(nn.Module):
         spec = ad.spec(blk)
         q, key = ad.qk(blk, h, rope, st.num_prefix)
         weights, features = attend_ahead(q, key, spec, self._bias(x), self._needs(True), st.num_prefix)
-        x, pooled = self.reducer(x, k, features, weights)
+        x = self.reducer(x, k, features, weights)
+        pooled, st.pooled_attention = st.pooled_attention, None
         h = ad.norm1(blk, x)
         out = apply_weights(pooled, ad.values(blk, h), spec)
         x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))

@@ -20,9 +20,16 @@ back by position when the model has prefix tokens), then the unfused B tokens (b
 match first). Defaults are the official DeiT-S setting (``tau`` 1/20/40, bidirectional, attention
 pooling, proportional attention on). r is at most n // 2, the reference's cap (``realise``).
 
-Not reproduced: the one-step-ahead attention (the reference then fuses before the attention and
-reuses the fused attention matrix); tpool reduces between attention and MLP, as PiToMe's port of
-MCTF and ToMe do (the official code without one-step-ahead fuses after the MLP of the same block).
+One-step-ahead attention (``one_step_ahead``, on by default: the official code's only setting,
+``mctf_type[4] = 1``; ``Block_DEIT.forward`` in ``models/modules/blocks.py`` and ``merge_wavg`` at
+mlvlab/MCTF 2004da0): the reducing block forms the attention of its unfused input tokens (q and k
+only, proportional bias of the current sizes), fuses its *input* tokens with that attention as the
+informativeness, and reuses the attention for the fused tokens: columns of a group summed, rows
+averaged with the fusion weights (``Reduction.weights``), applied to the values of the fused
+tokens. Asked for through ``reduces_before_attention()``; the block side is generic
+(``ReducingBlock._forward_ahead`` in patch.py, ``ops.common.pool_attention``). With
+``one_step_ahead=False`` tpool reduces between attention and MLP, as PiToMe's port of MCTF and
+ToMe do (the official code without one-step-ahead fuses after the MLP of the same block).
 """
 
 from __future__ import annotations
