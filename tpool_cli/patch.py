@@ -8,8 +8,8 @@ to the operator between the attention and the MLP (as ToMe and EViT do), so the 
 on fewer tokens. An operator whose ``reduces_before_attention()`` is true (MCTF's one-step-ahead
 attention) is handed the block's input instead, with the features of that block's attention on
 the unreduced tokens; the attention, pooled by the same reduction, is then applied to the reduced
-tokens' values, so it is not recomputed (:meth:`ReducingBlock._forward_ahead`). Prefix tokens (class, distillation, registers) are split off before the operator
-and put back in front unchanged.
+tokens' values, so it is not recomputed (:meth:`ReducingBlock._forward_ahead`). Prefix tokens
+(class, distillation, registers) are split off before the operator and put back in front unchanged.
 
 Until the first reduction, a wrapped block calls the original timm block untouched, so keep rate
 1.0 is bit-identical to the unpatched model. Per-forward state (token sizes, the 2D grid, the
