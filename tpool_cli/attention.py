@@ -38,6 +38,24 @@ def spec_of(attn: nn.Module) -> AttentionSpec:
     return AttentionSpec(float(attn.scale), bool(getattr(attn, "fused_attn", False)), attn.attn_drop, attn.training)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The explicit softmax attention B x H x N x N, as timm's non-fused path forms it (bias added to the logits)."""
+    scores = (q * spec.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias.to(q.dtype)
+    return scores.softmax(dim=-1)
+
+
+def apply_weights(weights: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Heads' output (B x H x N x D) of given attention weights on the values, attention dropout included."""
+    return spec.attn_drop(weights) @ v
+
+
+def features_of(view: AttentionView, needs: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The requested features of one block's attention, by name."""
+    return {name: FEATURE_REGISTRY[name].compute(view) for name in sorted(needs)}
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,13 +71,26 @@ def attend(
     explicit = not spec.fused or any(FEATURE_REGISTRY[name].needs_weights for name in needs)
     weights = None
     if explicit:
-        scores = (q * spec.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias
-        weights = scores.softmax(dim=-1)
-        out = spec.attn_drop(weights) @ v
+        weights = attention_weights(q, k, spec, bias)
+        out = apply_weights(weights, v, spec)
     else:
         p = spec.attn_drop.p if spec.training and isinstance(spec.attn_drop, nn.Dropout) else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
     view = AttentionView(q=q, k=k, v=v, scale=spec.scale, bias=bias, num_prefix=num_prefix, weights=weights)
-    return out, {name: FEATURE_REGISTRY[name].compute(view) for name in sorted(needs)}
+    return out, features_of(view, needs)
+
+
+def attend_ahead(
+    q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, bias: Optional[torch.Tensor], needs: frozenset[str], num_prefix: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The attention weights (B x H x N x N) and requested features of a reduce-before-attention block.
+
+    No output yet: the block reduces its tokens first and applies these weights, pooled by the
+    reduction, to the reduced tokens' values (MCTF's one-step-ahead attention), so the values of
+    the unreduced tokens are never formed.
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    weights = attention_weights(q, k, spec, bias)
+    view = AttentionView(q=q, k=k, v=None, scale=spec.scale, bias=bias, num_prefix=num_prefix, weights=weights)
+    return weights, features_of(view, needs)

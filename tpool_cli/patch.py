@@ -5,8 +5,11 @@ its family's attention through the family's adapter (``tpool_cli/adapters``: q/k
 biases and q/k-norm, the attention branch, LayerScale) and the shared :func:`attend` (fused
 attention kept where the operator's features allow), then, if the schedule says so, hands the patch tokens
 to the operator between the attention and the MLP (as ToMe and EViT do), so the MLP already runs
-on fewer tokens. Prefix tokens (class, distillation, registers) are split off before the operator
-and put back in front unchanged.
+on fewer tokens. An operator whose ``reduces_before_attention()`` is true (MCTF's one-step-ahead
+attention) is handed the block's input instead, with the features of that block's attention on
+the unreduced tokens; the attention, pooled by the same reduction, is then applied to the reduced
+tokens' values, so it is not recomputed (:meth:`ReducingBlock._forward_ahead`). Prefix tokens
+(class, distillation, registers) are split off before the operator and put back in front unchanged.
 
 Until the first reduction, a wrapped block calls the original timm block untouched, so keep rate
 1.0 is bit-identical to the unpatched model. Per-forward state (token sizes, the 2D grid, the
@@ -27,11 +30,11 @@ from torch import nn
 from .adapters import BlockAdapter, adapter_for
 from .adapters.heads import install_sized_pool, remove_sized_pool
 from .adapters.rope import affine_rope_problem, gather_rope, rope_at_positions
-from .attention import attend
+from .attention import apply_weights, attend, attend_ahead
 from .errors import TpoolError
 from .ops import TokenOperator, make_operator
 from .ops.base import CLS_ATTN, SIGNIFICANCE, ReduceContext, Reduction
-from .ops.common import follow_source, hash32, nearest_member, replay_mean, replay_take
+from .ops.common import follow_source, hash32, nearest_member, pool_attention, replay_mean, replay_take
 from .patch_config import PatchConfig
 from .recon import reconstruction_error
 from .schedule import Schedule
@@ -63,6 +66,8 @@ class ReductionState:
     rope_index: Optional[torch.Tensor] = None  # B x N long: original patch whose rope rows a token uses
     rope_between: bool = False  # the model's rope can be evaluated between patches (adapters/rope.py)
     fractional: bool = False  # this forward: some position is a mean, rope is evaluated at positions
+    # a reduce-before-attention block's attention pooled by its reduction (Reducer -> that block, read once)
+    pooled_attention: Optional[torch.Tensor] = None
 
     def begin(self, x: torch.Tensor) -> None:
         """Reset at the start of a forward pass (called by block 0)."""
@@ -162,7 +167,12 @@ class Reducer(nn.Module):
         self.state = state
         self.index = index
 
-    def forward(self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, k: int, features: dict[str, torch.Tensor], attention: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The tokens after the operator. With ``attention`` (B x H x T x T, a reduce-before-attention
+        block's), that attention pooled by the same reduction (:func:`pool_attention`, operator work,
+        so counted here) is left in ``state.pooled_attention`` for the block."""
         st = self.state
         p = st.num_prefix
         prefix, patches = x[:, :p], x[:, p:]
@@ -190,11 +200,15 @@ class Reducer(nn.Module):
                     "recon_weighted": reconstruction_error(patches, out.tokens, sizes, features[SIGNIFICANCE]),
                 }
             )
+        if attention is not None:
+            weights = out.weights if out.weights is not None else sizes
+            st.pooled_attention = pool_attention(attention, out.assignment, weights, out.tokens.shape[1], p)
         return torch.cat([prefix, out.tokens], dim=1)
 
 
 class ReducingBlock(nn.Module):
-    """A block of any supported family with an operator between its attention and its MLP.
+    """A block of any supported family with an operator between its attention and its MLP (or, for an
+    operator that ``reduces_before_attention``, ahead of its attention, which it then reuses).
 
     Generic: what differs between families (q/k/v, the attention branch, the residuals) comes from
     ``adapter`` (chosen by the block's exact class, ``tpool_cli/adapters``).
@@ -246,11 +260,33 @@ class ReducingBlock(nn.Module):
         rope = kwargs.get("rope")
         if rope is not None:
             rope = st.token_rope(rope)
+        if k < n and self.reducer.operator.reduces_before_attention():
+            return self._forward_ahead(x, h, k, rope)
         q, key, v = ad.qkv(blk, h, rope, st.num_prefix)
         out, features = attend(q, key, v, ad.spec(blk), self._bias(x), self._needs(k < n), st.num_prefix)
         x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
         if k < n:
             x = self.reducer(x, k, features)
+        return ad.mlp_residual(blk, x)
+
+    def _forward_ahead(self, x: torch.Tensor, h: torch.Tensor, k: int, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        """Reduce before the attention (an operator with ``reduces_before_attention``, MCTF's one-step-ahead).
+
+        The attention weights of the unreduced tokens (q and k only, proportional bias of the
+        current sizes) give the operator its features; the operator reduces the block's *input*
+        tokens; those weights, pooled by the same reduction, are applied to the values of the
+        reduced tokens (formed from them: v of the unreduced tokens is never computed), then the
+        attention residual and the MLP run on the reduced tokens, as the reference's block does.
+        """
+        blk, ad, st = self.block, self.adapter, self.state
+        spec = ad.spec(blk)
+        q, key = ad.qk(blk, h, rope, st.num_prefix)
+        weights, features = attend_ahead(q, key, spec, self._bias(x), self._needs(True), st.num_prefix)
+        x = self.reducer(x, k, features, weights)
+        pooled, st.pooled_attention = st.pooled_attention, None
+        h = ad.norm1(blk, x)
+        out = apply_weights(pooled, ad.values(blk, h), spec)
+        x = ad.attn_residual(blk, x, ad.attention_output(blk, out, h))
         return ad.mlp_residual(blk, x)
 
     def _bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:

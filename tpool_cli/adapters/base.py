@@ -37,6 +37,19 @@ class BlockAdapter:
         """Per-head q, k, v (B x H x N x D) of the normed tokens h, as the family's attention forms them."""
         raise NotImplementedError
 
+    def qk(
+        self, blk: nn.Module, h: torch.Tensor, rope: Optional[torch.Tensor], num_prefix: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k only (a reduce-before-attention block forms them on the unreduced tokens).
+        Default: from :meth:`qkv` (its v wasted); families override it to project q and k alone."""
+        q, k, _ = self.qkv(blk, h, rope, num_prefix)
+        return q, k
+
+    def values(self, blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """v only (B x H x N x D; rope never touches v), for the reduced tokens of a reduce-before-attention
+        block. Default: from :meth:`qkv` (its q and k wasted); families override it."""
+        return self.qkv(blk, h, None, 0)[2]
+
     def spec(self, blk: nn.Module) -> AttentionSpec:
         return spec_of(blk.attn)
 

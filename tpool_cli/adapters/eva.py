@@ -49,6 +49,21 @@ def eva_qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def eva_projection(attn: nn.Module, h: torch.Tensor, parts: slice) -> torch.Tensor:
+    """Some of q, k, v (``parts`` of the three) before q/k-norm and rope, as :func:`eva_qkv` forms them,
+    projecting only those: P x B x H x N x D (a reduce-before-attention block's q, k, then v)."""
+    b, n, _ = h.shape
+    if attn.qkv is None:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)[parts]
+        return torch.stack([proj(h).reshape(b, n, attn.num_heads, -1).transpose(1, 2) for proj in projs])
+    width = attn.qkv.weight.shape[0] // 3
+    rows = slice(parts.start * width, parts.stop * width)
+    q_bias = getattr(attn, "q_bias", None)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if q_bias is not None else attn.qkv.bias
+    out = F.linear(h, attn.qkv.weight[rows], None if bias is None else bias[rows])
+    return out.reshape(b, n, parts.stop - parts.start, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+
+
 def apply_rope(attn: nn.Module, t: torch.Tensor, rope: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Rotate the patch tokens of q or k (prefix tokens untouched), exactly as the attention does."""
     npt = attn.num_prefix_tokens
@@ -67,6 +82,16 @@ class EvaAdapter(BlockAdapter):
         if rope is not None:
             q, k = apply_rope(blk.attn, q, rope, v), apply_rope(blk.attn, k, rope, v)
         return q, k, v
+
+    def qk(self, blk: nn.Module, h: torch.Tensor, rope: Optional[torch.Tensor], num_prefix: int):
+        q, k = eva_projection(blk.attn, h, slice(0, 2)).unbind(0)
+        q, k = blk.attn.q_norm(q), blk.attn.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(blk.attn, q, rope, q), apply_rope(blk.attn, k, rope, k)
+        return q, k
+
+    def values(self, blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return eva_projection(blk.attn, h, slice(2, 3))[0]
 
     def attention_output(self, blk: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         attn = blk.attn

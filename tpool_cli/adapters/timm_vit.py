@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -18,6 +19,18 @@ def timm_qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
+
+
+def timm_projection(attn: nn.Module, h: torch.Tensor, parts: slice) -> torch.Tensor:
+    """Some of q, k, v (``parts`` of the 3 thirds of ``qkv``) of ``timm.layers.Attention``: P x B x H x N x D.
+
+    One linear on the matching rows of the fused weight and bias: only that work is done."""
+    b, n, _ = h.shape
+    width = attn.num_heads * attn.head_dim
+    rows = slice(parts.start * width, parts.stop * width)
+    bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
+    out = F.linear(h, attn.qkv.weight[rows], bias)
+    return out.reshape(b, n, parts.stop - parts.start, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
 
 
 def timm_attention_output(attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -50,6 +63,13 @@ class TimmAdapter(BlockAdapter):
 
     def qkv(self, blk: nn.Module, h: torch.Tensor, rope: Optional[torch.Tensor], num_prefix: int):
         return timm_qkv(blk.attn, h)
+
+    def qk(self, blk: nn.Module, h: torch.Tensor, rope: Optional[torch.Tensor], num_prefix: int):
+        q, k = timm_projection(blk.attn, h, slice(0, 2)).unbind(0)
+        return blk.attn.q_norm(q), blk.attn.k_norm(k)
+
+    def values(self, blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return timm_projection(blk.attn, h, slice(2, 3))[0]
 
     def attention_output(self, blk: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return timm_attention_output(blk.attn, out, h)

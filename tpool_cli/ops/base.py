@@ -34,7 +34,7 @@ class AttentionView:
 
     q: torch.Tensor  # after q-norm and rope, before the scale
     k: torch.Tensor
-    v: torch.Tensor
+    v: Optional[torch.Tensor]  # None in a reduce-before-attention block (its values come after the reduction)
     scale: float
     bias: Optional[torch.Tensor]  # additive logit bias, B x 1 x 1 x N (proportional attention), or None
     num_prefix: int
@@ -154,6 +154,10 @@ class Reduction:
     # medoid, a kept token). Side tensors that follow a representative (rope positions) use it; None
     # means an output is the size-weighted mean of its members.
     representative: Optional[torch.Tensor] = None
+    # B x N float32, optional: the weights each output token's mean gives its members when they are
+    # not the sizes (MCTF's attention x size). A reduce-before-attention block pools the attention
+    # rows with them (see ops/common.pool_attention); None means the sizes.
+    weights: Optional[torch.Tensor] = None
 
 
 def identity_reduction(x: torch.Tensor, ctx: ReduceContext) -> Reduction:
@@ -181,6 +185,13 @@ class TokenOperator:
     def needs(self) -> frozenset[str]:
         """The block features (names in FEATURE_REGISTRY) this operator reads from the context."""
         return frozenset()
+
+    def reduces_before_attention(self) -> bool:
+        """True: the block reduces its *input* tokens ahead of its attention, with the features of
+        that block's attention on the unreduced tokens, and reuses that attention, pooled by the
+        reduction's assignment, for the reduced tokens (MCTF's one-step-ahead attention; see
+        ``ReducingBlock`` in patch.py). False (the default): reduce between attention and MLP."""
+        return False
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
         """The token count this operator will actually output for a target of k out of n."""

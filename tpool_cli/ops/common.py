@@ -161,3 +161,32 @@ def hash_uniform(seed: int, b: int, n: int, device: torch.device) -> torch.Tenso
     counter = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n)
     bits = hash32(counter ^ hash32(seed))
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def pool_attention(
+    attn: torch.Tensor, assignment: torch.Tensor, weights: torch.Tensor, k: int, num_prefix: int
+) -> torch.Tensor:
+    """An attention matrix through a reduction of its tokens (MCTF's one-step-ahead reuse).
+
+    attn: B x H x T x T softmax weights over ``[prefix, patches]`` (T = P + N); assignment: B x N
+    (output index, -1 dropped); weights: B x N, the weights of the reduction's means. Returns
+    B x H x (P + k) x (P + k): the columns of a group summed (the attention a query pays to all its
+    members, which is what proportional attention over the fused token gives), then the rows of a
+    group averaged with ``weights`` (a fused token queries as the weighted mean of its members'
+    queries), as the reference's ``merge_wavg(one_step_ahead=1)`` does with ``merge(mode="sum")``.
+    Prefix rows and columns pass unchanged; dropped tokens' rows and columns are discarded.
+    Accumulates in float32, returns ``attn``'s dtype.
+    """
+    b, h, t, _ = attn.shape
+    p = num_prefix
+    bucket = torch.where(assignment >= 0, assignment, k) + p  # dropped tokens land in a spare slot P + k
+    index = torch.cat([torch.arange(p, device=attn.device).expand(b, p), bucket], dim=1)  # B x T in [0, P + k]
+    a = attn.float()
+    cols = torch.zeros(b, h, t, p + k + 1, device=attn.device).scatter_add_(-1, index[:, None, None, :].expand(b, h, t, t), a)
+    cols = cols[..., : p + k]
+    w = torch.cat([torch.ones(b, p, device=attn.device), weights.float()], dim=1)
+    wsum = torch.zeros(b, p + k + 1, device=attn.device).scatter_add_(1, index, w)
+    rows = torch.zeros(b, h, p + k + 1, p + k, device=attn.device)
+    rows.scatter_add_(2, index[:, None, :, None].expand(b, h, t, p + k), cols * w[:, None, :, None])
+    rows = rows / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None, :, None]
+    return rows[:, :, : p + k].to(attn.dtype)

@@ -20,9 +20,16 @@ back by position when the model has prefix tokens), then the unfused B tokens (b
 match first). Defaults are the official DeiT-S setting (``tau`` 1/20/40, bidirectional, attention
 pooling, proportional attention on). r is at most n // 2, the reference's cap (``realise``).
 
-Not reproduced: the one-step-ahead attention (the reference then fuses before the attention and
-reuses the fused attention matrix); tpool reduces between attention and MLP, as PiToMe's port of
-MCTF and ToMe do (the official code without one-step-ahead fuses after the MLP of the same block).
+One-step-ahead attention (``one_step_ahead``, on by default: the official code's only setting,
+``mctf_type[4] = 1``; ``Block_DEIT.forward`` in ``models/modules/blocks.py`` and ``merge_wavg`` at
+mlvlab/MCTF 2004da0): the reducing block forms the attention of its unfused input tokens (q and k
+only, proportional bias of the current sizes), fuses its *input* tokens with that attention as the
+informativeness, and reuses the attention for the fused tokens: columns of a group summed, rows
+averaged with the fusion weights (``Reduction.weights``), applied to the values of the fused
+tokens. Asked for through ``reduces_before_attention()``; the block side is generic
+(``ReducingBlock._forward_ahead`` in patch.py, ``ops.common.pool_attention``). With
+``one_step_ahead=False`` tpool reduces between attention and MLP, as PiToMe's port of MCTF and
+ToMe do (the official code without one-step-ahead fuses after the MLP of the same block).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from .base import KEYS, RECEIVED, MeanPosition, ReduceContext, Reduction, TokenOperator
 from .common import pool_by_assignment
 from .tofu import sequence_split
+from .tome import realise_bipartite
 
 
 def _criterion(values: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, tau: float) -> torch.Tensor:
@@ -122,14 +130,18 @@ class MCTF(MeanPosition, TokenOperator):
     bidirectional: bool = True
     pooling: Literal["attention", "size"] = "attention"  # attention: weights attention x size (pooling_type 1)
     metric: Literal["tokens", "keys"] = "tokens"  # tokens: the official code; keys: PiToMe's port
+    # fuse the block's input before its attention and reuse that attention, pooled (the official mctf_type[4] = 1)
+    one_step_ahead: bool = True
+
+    def reduces_before_attention(self) -> bool:
+        return self.one_step_ahead
 
     def needs(self) -> frozenset[str]:
         wanted = {RECEIVED} if self.tau_info > 0 or self.pooling == "attention" else set()
         return frozenset(wanted | ({KEYS} if self.metric == "keys" else set()))
 
     def realise(self, n: int, k: int, grid: Optional[tuple[int, int]]) -> int:
-        k = max(1, min(k, n))
-        return n - min(n - k, n // 2)
+        return realise_bipartite(n, k)
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         b, n, _ = x.shape
@@ -147,4 +159,4 @@ class MCTF(MeanPosition, TokenOperator):
         if self.pooling == "attention":
             weights = received[:, p:].float() * ctx.sizes.float()
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, n - r, weights)
-        return Reduction(tokens, sizes, assignment)
+        return Reduction(tokens, sizes, assignment, weights=weights)
