@@ -79,8 +79,7 @@ def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -
     """Cluster index in [0, k) of every point (B x N long) after agglomerating to k clusters.
 
     dist: B x N x N symmetric distances (the diagonal is ignored), in the dtype the merges run in
-    (float32 in the operator; float64 reproduces scipy's arithmetic up to the order of the two
-    products in the average). Clusters are numbered in the order of their lowest member. N - k
+    (float32 in the operator; float64 reproduces scipy's arithmetic). Clusters are numbered in the order of their lowest member. N - k
     sequential steps of batched work, no host sync, no loop over images; equal distances go to
     the pair first in row-major order (i < j).
 
@@ -91,47 +90,63 @@ def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -
     recomputes the two row blocks holding i and j (one contiguous gather) and writes columns i
     and j of ``blockmin`` from the merged row: O(N sqrt(N)) per step, exact for any linkage.
 
-    Everything is indexed by flat ids ``b * W + index`` (W: N padded to whole blocks), so each
-    step is about twenty batched ops on preallocated buffers (the per-op overhead, not the
-    arithmetic, is most of a step's cost at small batches).
+    Everything is indexed by flat ids ``b * W + index`` (W: N padded to whole blocks), the matrix
+    and its block minima share one buffer (one ``put_`` writes both columns), and the parent
+    pointers are written once after the loop (an absorbed cluster's row and column are +inf, so
+    it is never picked again: each id is absorbed at most once). A step is about twenty batched
+    ops; at small batches their fixed cost, not the arithmetic, is most of its time.
     """
     b, n, _ = dist.shape
     dev, dtype = dist.device, dist.dtype
     g = max(1, math.isqrt(max(1, (n - 1) // 2)) + 1)  # block width ~ sqrt(N / 2): a step reads 2 g + N / g rows
     blocks = -(-n // g)
     w = blocks * g  # rows and columns padded with +inf up to whole blocks
-    d = torch.full((b, w, w), math.inf, dtype=dtype, device=dev)
+    # one buffer for the matrix and its block minima, so that one put_ writes a step's changes to both
+    store = torch.full((b * w * w + b * blocks * w,), math.inf, dtype=dtype, device=dev)
+    d = store[: b * w * w].view(b, w, w)
     d[:, :n, :n] = dist
     d.diagonal(dim1=1, dim2=2).fill_(math.inf)
     rows_of = d.view(b * w, w)
     row_blocks = d.view(b * blocks, g * w)
-    blockmin = d.view(b, blocks, g, w).amin(dim=2)  # [b, blk, c]: min of column c over the block's rows
+    blockmin = store[b * w * w :].view(b, blocks, w)  # [b, blk, c]: min of column c over the block's rows
+    blockmin.copy_(d.view(b, blocks, g, w).amin(dim=2))
     blockmin_rows = blockmin.view(b * blocks, w)
     count = torch.ones(b * w, 1, dtype=dtype, device=dev)
-    parent = torch.arange(b * w, device=dev)
     base = torch.arange(b, device=dev) * w
-    # flat offsets of column c (given as a flat id b * w + c) in every row of d and of blockmin
-    column_base = (torch.arange(b, device=dev) * (w * w - w)).unsqueeze(1) + torch.arange(w, device=dev) * w
-    blockmin_base = (torch.arange(b, device=dev) * (blocks * w - w)).unsqueeze(1) + torch.arange(blocks, device=dev) * w
+    image = torch.arange(b, device=dev).unsqueeze(1)
+    # where a step writes columns, per flat id f = b * w + c of the merged (absorbed) cluster c:
+    # column c of d (b * w * w + row * w + c) and of blockmin (after d in the store)
+    columns = torch.cat(
+        [
+            image * (w * w - w) + torch.arange(w, device=dev) * w,
+            b * w * w + image * (blocks * w - w) + torch.arange(blocks, device=dev) * w,
+        ],
+        dim=1,
+    ).unsqueeze(1)  # B x 1 x (W + blocks)
     dead = torch.full((b, 1, w), math.inf, dtype=dtype, device=dev)
+    absorbed: list[torch.Tensor] = []
     for _ in range(n - k):
         flat_i = blockmin.amin(dim=1).argmin(dim=1) + base  # first row holding the minimum: i < j
-        j = rows_of.index_select(0, flat_i).argmin(dim=1)
-        flat_ij = torch.stack([flat_i, j + base], dim=1).view(-1)  # i0, j0, i1, j1, ...
-        rows = rows_of.index_select(0, flat_ij).view(b, 2, w)
-        pair_counts = count.index_select(0, flat_ij).view(b, 2, 1) if linkage == "average" else None
+        flat_j = rows_of.index_select(0, flat_i).argmin(dim=1) + base
+        flat_ij = torch.stack([flat_i, flat_j], dim=1)  # B x 2
+        rows = rows_of.index_select(0, flat_ij.view(-1)).view(b, 2, w)
+        pair_counts = count.index_select(0, flat_ij.view(-1)).view(b, 2, 1) if linkage == "average" else None
         merged = _merged_row(rows, pair_counts, linkage)  # B x 1 x W
         if linkage == "single":  # min(d_ij, inf) at i and j: they are not its neighbours
-            merged.scatter_(2, (flat_ij.view(b, 2) - base.unsqueeze(1)).unsqueeze(1), math.inf)
-        out = torch.cat([merged, dead], dim=1)  # the new rows (and columns) i and j
-        rows_of.index_copy_(0, flat_ij, out.view(2 * b, w))
-        d.put_(column_base.unsqueeze(1) + flat_ij.view(b, 2, 1), out)  # columns i and j, by symmetry
-        changed = flat_ij // g  # b * blocks + the row block of i (of j)
+            merged.scatter_(2, (flat_ij - base.unsqueeze(1)).unsqueeze(1), math.inf)
+        out = torch.cat([merged, dead], dim=1)  # the new rows (and, by symmetry, columns) i and j
+        rows_of.index_copy_(0, flat_ij.view(-1), out.view(2 * b, w))
+        # columns i, j of d and of blockmin, in one write
+        store.put_(columns + flat_ij.unsqueeze(2), torch.cat([out, out.view(b, 2, blocks, g).amin(dim=-1)], dim=2))
+        changed = flat_ij.view(-1) // g  # b * blocks + the row block of i (of j)
         blockmin_rows.index_copy_(0, changed, row_blocks.index_select(0, changed).view(2 * b, g, w).amin(dim=1))
-        blockmin.put_(blockmin_base.unsqueeze(1) + flat_ij.view(b, 2, 1), out.view(b, 2, blocks, g).amin(dim=-1))
         if linkage == "average":
             count.index_copy_(0, flat_i, pair_counts.sum(dim=1))
-        parent.index_copy_(0, flat_ij[1::2], flat_i)
+        absorbed.append(flat_ij)
+    parent = torch.arange(b * w, device=dev)
+    if absorbed:  # every cluster is absorbed once, so the parent pointers can be written after the loop
+        pairs = torch.stack(absorbed).view(-1, 2)
+        parent.index_copy_(0, pairs[:, 1], pairs[:, 0])
     root = _roots(parent, n).view(b, w)[:, :n] - base.unsqueeze(1)
     rank = (root == torch.arange(n, device=dev)).long().cumsum(dim=1) - 1
     return rank.gather(1, root)
