@@ -130,3 +130,39 @@ def test_compiles_as_one_graph():
     torch._dynamo.reset()
     for g, want in zip(got, reduce(x, keys, sizes)):
         assert torch.equal(g, want)
+
+
+def greedy_reference(dist: torch.Tensor, k: int, linkage: str) -> list[int]:
+    """The specification, one image, plainly: merge the closest pair (first in row-major order
+    among equal distances, i < j) until k clusters remain; the merged cluster takes i's index and
+    Lance-Williams distances (average: scipy's (n_i d_i + n_j d_j) / (n_i + n_j)); clusters are
+    numbered in the order of their lowest member."""
+    d = dist.clone().fill_diagonal_(float("inf"))
+    n = d.shape[0]
+    alive, count, label = list(range(n)), [1.0] * n, list(range(n))
+    for _ in range(n - k):
+        best = min((d[i, j].item(), i, j) for a, i in enumerate(alive) for j in alive[a + 1 :])
+        _, i, j = best
+        if linkage == "average":
+            row = (count[i] * d[i] + count[j] * d[j]) / (count[i] + count[j])
+        else:
+            row = torch.maximum(d[i], d[j]) if linkage == "complete" else torch.minimum(d[i], d[j])
+        d[i], d[:, i] = row, row
+        d[i, i] = float("inf")
+        count[i] += count[j]
+        alive.remove(j)
+        label = [i if lab == j else lab for lab in label]
+    order = {root: c for c, root in enumerate(sorted(set(label)))}
+    return [order[lab] for lab in label]
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_ties_follow_the_row_major_rule(linkage):
+    """Distances on a few integer levels (many exact ties): the same labels as the plain greedy."""
+    gen = torch.Generator().manual_seed(3)
+    for b, n, k in [(3, 12, 4), (2, 25, 9), (2, 40, 3)]:
+        upper = torch.randint(1, 4, (b, n, n), generator=gen).double().triu(1)
+        dist = upper + upper.transpose(1, 2)
+        labels = agglomerative_labels(dist, k, linkage)
+        for i in range(b):
+            assert labels[i].tolist() == greedy_reference(dist[i], k, linkage), (linkage, n, k, i)

@@ -54,72 +54,100 @@ def cosine_distances(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(upper, d, d.transpose(1, 2))
 
 
-def _lance_williams(di: torch.Tensor, dj: torch.Tensor, ni: torch.Tensor, nj: torch.Tensor, linkage: str) -> torch.Tensor:
-    """Distances of the merged cluster i+j to every cluster, from those of i and j (B x N each).
-
-    ni, nj: B x 1 member counts. +inf (dead rows, the diagonal) stays +inf in every linkage
-    except single, whose caller masks it.
-    """
-    if linkage == "average":
-        return (ni * di + nj * dj) / (ni + nj)  # scipy's formula and order of operations
-    if linkage == "complete":
-        return torch.maximum(di, dj)
-    return torch.minimum(di, dj)
-
-
-def _roots(parent: torch.Tensor) -> torch.Tensor:
-    """Follow parent pointers (B x N, parent <= index) to the root of every token by pointer jumping."""
-    for _ in range(max(1, math.ceil(math.log2(parent.shape[1])))):
-        parent = parent.gather(1, parent)
+def _roots(parent: torch.Tensor, n: int) -> torch.Tensor:
+    """Follow parent pointers (flat ids, parent <= id, chains within n ids) to every id's root by pointer jumping."""
+    for _ in range(max(1, math.ceil(math.log2(n)))):
+        parent = parent[parent]
     return parent
+
+
+def _merged_row(rows: torch.Tensor, pair_counts: torch.Tensor | None, linkage: str) -> torch.Tensor:
+    """Lance-Williams: distances of the merged cluster i+j to every cluster (B x 1 x W).
+
+    rows: B x 2 x W, the rows of i and j; pair_counts: B x 2 x 1 member counts (average only).
+    +inf (dead clusters, padding, the diagonal) stays +inf for average and complete; single's
+    caller masks columns i and j.
+    """
+    if linkage == "average":  # (n_i d_i + n_j d_j) / (n_i + n_j): scipy's formula and order of operations
+        return (rows * pair_counts).sum(dim=1, keepdim=True) / pair_counts.sum(dim=1, keepdim=True)
+    if linkage == "complete":
+        return rows.amax(dim=1, keepdim=True)
+    return rows.amin(dim=1, keepdim=True)
 
 
 def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
     """Cluster index in [0, k) of every point (B x N long) after agglomerating to k clusters.
 
     dist: B x N x N symmetric distances (the diagonal is ignored), in the dtype the merges run in
-    (float32 in the operator; float64 reproduces scipy's arithmetic). Clusters are numbered in
-    the order of their lowest member. N - k sequential steps of batched work, no host sync, no
-    loop over images; equal distances go to the pair first in row-major order (i < j).
+    (float32 in the operator; float64 reproduces scipy's arithmetic). Clusters are numbered in the order of their lowest member. N - k
+    sequential steps of batched work, no host sync, no loop over images; equal distances go to
+    the pair first in row-major order (i < j).
 
-    Finding the closest pair by an argmin over the whole matrix costs N^2 per step; instead the
-    columns are cut into blocks of g ~ sqrt(N) and the minimum of every (block, row) is kept
-    (``blockmin``, B x blocks x N). A merge changes only rows and columns i and j, so a step
-    recomputes the block minima of rows i, j and of the two column blocks holding i and j (by
-    symmetry, the minima over g contiguous rows): O(N sqrt(N)) per step, exact for any linkage.
+    Finding the closest pair by an argmin over the whole matrix costs N^2 per step; instead rows
+    are cut into blocks of g ~ sqrt(N / 2) and ``blockmin[b, blk, c]`` keeps the minimum of column c
+    over the block's rows (by symmetry: of row c over the block's columns), so the row minima
+    are one reduction over blocks. A merge changes only rows and columns i and j: a step
+    recomputes the two row blocks holding i and j (one contiguous gather) and writes columns i
+    and j of ``blockmin`` from the merged row: O(N sqrt(N)) per step, exact for any linkage.
+
+    Everything is indexed by flat ids ``b * W + index`` (W: N padded to whole blocks), the matrix
+    and its block minima share one buffer (one ``put_`` writes both columns), and the parent
+    pointers are written once after the loop (an absorbed cluster's row and column are +inf, so
+    it is never picked again: each id is absorbed at most once). A step is about twenty batched
+    ops; at small batches their fixed cost, not the arithmetic, is most of its time.
     """
     b, n, _ = dist.shape
     dev, dtype = dist.device, dist.dtype
-    g = max(1, math.isqrt(n - 1) + 1)  # block width ~ sqrt(N)
+    g = max(1, math.isqrt(max(1, (n - 1) // 2)) + 1)  # block width ~ sqrt(N / 2): a step reads 2 g + N / g rows
     blocks = -(-n // g)
     w = blocks * g  # rows and columns padded with +inf up to whole blocks
-    d = torch.full((b, w, w), math.inf, dtype=dtype, device=dev)
-    d[:, :n, :n] = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dev), math.inf)
+    # one buffer for the matrix and its block minima, so that one put_ writes a step's changes to both
+    store = torch.full((b * w * w + b * blocks * w,), math.inf, dtype=dtype, device=dev)
+    d = store[: b * w * w].view(b, w, w)
+    d[:, :n, :n] = dist
+    d.diagonal(dim1=1, dim2=2).fill_(math.inf)
     rows_of = d.view(b * w, w)
-    blockmin = d.view(b, blocks, g, w).amin(dim=2)  # [b, block, k]: min of column k over the block's rows
-    count = torch.ones(b, n, dtype=dtype, device=dev)
-    parent = torch.arange(n, device=dev).expand(b, n).contiguous()
-    base, block_base = torch.arange(b, device=dev) * w, torch.arange(b, device=dev) * blocks
-    dead = torch.full((b, w), math.inf, dtype=dtype, device=dev)
+    row_blocks = d.view(b * blocks, g * w)
+    blockmin = store[b * w * w :].view(b, blocks, w)  # [b, blk, c]: min of column c over the block's rows
+    blockmin.copy_(d.view(b, blocks, g, w).amin(dim=2))
+    blockmin_rows = blockmin.view(b * blocks, w)
+    count = torch.ones(b * w, 1, dtype=dtype, device=dev)
+    base = torch.arange(b, device=dev) * w
+    image = torch.arange(b, device=dev).unsqueeze(1)
+    # where a step writes columns, per flat id f = b * w + c of the merged (absorbed) cluster c:
+    # column c of d (b * w * w + row * w + c) and of blockmin (after d in the store)
+    columns = torch.cat(
+        [
+            image * (w * w - w) + torch.arange(w, device=dev) * w,
+            b * w * w + image * (blocks * w - w) + torch.arange(blocks, device=dev) * w,
+        ],
+        dim=1,
+    ).unsqueeze(1)  # B x 1 x (W + blocks)
+    dead = torch.full((b, 1, w), math.inf, dtype=dtype, device=dev)
+    absorbed: list[torch.Tensor] = []
     for _ in range(n - k):
-        i = blockmin.amin(dim=1).argmin(dim=1)  # first row holding the minimum: the lower index of the pair
-        row_i = rows_of.index_select(0, base + i)
-        j = row_i.argmin(dim=1)
-        row_j = rows_of.index_select(0, base + j)
-        ij = torch.stack([i, j], dim=1)  # B x 2
-        counts = count.gather(1, ij)
-        new = _lance_williams(row_i, row_j, counts[:, :1], counts[:, 1:], linkage).scatter(1, ij, math.inf)
-        rows_of.index_copy_(0, torch.stack([base + i, base + j], dim=1).view(-1), torch.stack([new, dead], dim=1).view(2 * b, w))
-        d.scatter_(2, ij.unsqueeze(1).expand(b, w, 2), torch.stack([new, dead], dim=2))
-        # block minima of the two changed column blocks (= row blocks, by symmetry), then of rows i, j
-        changed = (torch.stack([i // g, j // g], dim=1) + block_base.unsqueeze(1)).view(-1)
-        fresh = d.view(b * blocks, g * w).index_select(0, changed).view(2 * b, g, w).amin(dim=1)
-        blockmin.view(b * blocks, w).index_copy_(0, changed, fresh)
-        own = torch.stack([new.view(b, blocks, g).amin(dim=-1), dead[:, :blocks]], dim=2)  # B x blocks x 2
-        blockmin.scatter_(2, ij.unsqueeze(1).expand(b, blocks, 2), own)
-        count.scatter_add_(1, i.unsqueeze(1), counts[:, 1:])
-        parent.scatter_(1, j.unsqueeze(1), i.unsqueeze(1))
-    root = _roots(parent)
+        flat_i = blockmin.amin(dim=1).argmin(dim=1) + base  # first row holding the minimum: i < j
+        flat_j = rows_of.index_select(0, flat_i).argmin(dim=1) + base
+        flat_ij = torch.stack([flat_i, flat_j], dim=1)  # B x 2
+        rows = rows_of.index_select(0, flat_ij.view(-1)).view(b, 2, w)
+        pair_counts = count.index_select(0, flat_ij.view(-1)).view(b, 2, 1) if linkage == "average" else None
+        merged = _merged_row(rows, pair_counts, linkage)  # B x 1 x W
+        if linkage == "single":  # min(d_ij, inf) at i and j: they are not its neighbours
+            merged.scatter_(2, (flat_ij - base.unsqueeze(1)).unsqueeze(1), math.inf)
+        out = torch.cat([merged, dead], dim=1)  # the new rows (and, by symmetry, columns) i and j
+        rows_of.index_copy_(0, flat_ij.view(-1), out.view(2 * b, w))
+        # columns i, j of d and of blockmin, in one write
+        store.put_(columns + flat_ij.unsqueeze(2), torch.cat([out, out.view(b, 2, blocks, g).amin(dim=-1)], dim=2))
+        changed = flat_ij.view(-1) // g  # b * blocks + the row block of i (of j)
+        blockmin_rows.index_copy_(0, changed, row_blocks.index_select(0, changed).view(2 * b, g, w).amin(dim=1))
+        if linkage == "average":
+            count.index_copy_(0, flat_i, pair_counts.sum(dim=1))
+        absorbed.append(flat_ij)
+    parent = torch.arange(b * w, device=dev)
+    if absorbed:  # every cluster is absorbed once, so the parent pointers can be written after the loop
+        pairs = torch.stack(absorbed).view(-1, 2)
+        parent.index_copy_(0, pairs[:, 1], pairs[:, 0])
+    root = _roots(parent, n).view(b, w)[:, :n] - base.unsqueeze(1)
     rank = (root == torch.arange(n, device=dev)).long().cumsum(dim=1) - 1
     return rank.gather(1, root)
 
