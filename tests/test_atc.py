@@ -76,16 +76,6 @@ def test_reduce_pools_each_cluster_by_size(linkage):
             assert out.sizes[i, c] == sizes[i, members].sum()
 
 
-def test_batch_independence():
-    x, keys, sizes = _problem(b=4)
-    op = make_operator("atc")
-    whole = op.reduce(x, 9, ReduceContext(sizes=sizes, keys=keys))
-    for i in range(4):
-        alone = op.reduce(x[i : i + 1], 9, ReduceContext(sizes=sizes[i : i + 1], keys=keys[i : i + 1]))
-        assert torch.equal(alone.assignment, whole.assignment[i : i + 1])
-        assert torch.equal(alone.tokens, whole.tokens[i : i + 1])
-
-
 def test_identical_tokens_merge_without_change():
     """Duplicated tokens (distance 0) merge first and the merged token equals them."""
     x, keys, sizes = _problem(b=2, n=12)

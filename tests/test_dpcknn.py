@@ -95,17 +95,6 @@ def test_keys_features_are_requested_and_used():
     assert len(set(zip(label[0].tolist(), out.assignment[0].tolist()))) == 4
 
 
-def test_batch_independence():
-    gen = torch.Generator().manual_seed(4)
-    x, sizes = torch.randn(4, 30, 16, generator=gen), torch.ones(4, 30)
-    op = make_operator("dpcknn")
-    whole = op.reduce(x, 10, ReduceContext(sizes=sizes, seed=11))
-    for i in range(4):
-        alone = op.reduce(x[i : i + 1], 10, ReduceContext(sizes=sizes[i : i + 1], seed=11))
-        assert torch.equal(alone.assignment, whole.assignment[i : i + 1])
-        torch.testing.assert_close(alone.tokens, whole.tokens[i : i + 1])
-
-
 def test_bad_knn_is_one_clear_error():
     with pytest.raises(TpoolError, match="knn must be >= 1"):
         make_operator("dpcknn", knn=0)

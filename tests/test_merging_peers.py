@@ -188,7 +188,7 @@ def test_keep_one_is_the_identity_through_the_patch(op, images):
     assert torch.equal(plain, same)
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS + ["atc", "dpcknn"])  # the clustering peers share the invariant
 @pytest.mark.parametrize("layer", [0, 3])
 def test_batch_independence_and_sizes(op, layer):
     x = torch.randn(3, 20, 8, generator=torch.Generator().manual_seed(5))
