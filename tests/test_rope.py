@@ -160,7 +160,18 @@ def test_tome_position_option():
     assert make_operator("tome").options() == {}  # the default stays out of result keys
 
 
-def test_a_rope_that_is_not_affine_falls_back_to_the_nearest_member(caplog):
+class _Records(logging.Handler):
+    """Collects records of one logger, whatever other tests did to propagation and levels."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_rope_that_is_not_affine_falls_back_to_the_nearest_member():
     model = _model("dinov3")
     rows, cols = _grid_positions()[0].unbind(-1)
     angle = (0.05 * (rows**2 + cols**2)).unsqueeze(-1).expand(-1, 32)  # small steps, but quadratic in the position
@@ -171,9 +182,15 @@ def test_a_rope_that_is_not_affine_falls_back_to_the_nearest_member(caplog):
     model.rope.get_embed = lambda shape=None, dtype=None: fast  # 3 rad per patch: could be 3 - 2 pi
     assert "nearly pi" in affine_rope_problem(model, GRID)
     model.rope.get_embed = lambda shape=None, dtype=None: curved
-    with caplog.at_level(logging.WARNING, logger="tpool_cli.patch"):
+    logger, records = logging.getLogger("tpool_cli.patch"), _Records()
+    level, logger.level = logger.level, logging.WARNING
+    logger.addHandler(records)
+    try:
         patch(model, "kmeans", keep=0.5, layers=(0,))
-    assert "nearest member" in caplog.text and not model.tpool_state.rope_between
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    assert any("nearest member" in m for m in records.messages) and not model.tpool_state.rope_between
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert not model.tpool_state.fractional
