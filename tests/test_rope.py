@@ -183,7 +183,8 @@ def test_a_rope_that_is_not_affine_falls_back_to_the_nearest_member():
     assert "nearly pi" in affine_rope_problem(model, GRID)
     model.rope.get_embed = lambda shape=None, dtype=None: curved
     logger, records = logging.getLogger("tpool_cli.patch"), _Records()
-    level, logger.level = logger.level, logging.WARNING
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     logger.addHandler(records)
     try:
         patch(model, "kmeans", keep=0.5, layers=(0,))
