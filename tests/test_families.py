@@ -230,12 +230,20 @@ def test_eva_reducing_block_equals_timm_parts(family, op, images):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_eva_compiles_in_one_graph(images):
-    """torch.compile(fullgraph=True) through the Eva adapter, rope side tensors and the size-aware avg head."""
+@pytest.mark.parametrize(
+    "family,op,schedule,options",
+    [
+        ("eva02", "kmeans", dict(keep=0.5, layers=(1,)), dict(iters=2)),  # size-aware avg head, rope at mean positions
+        ("rope_mixed", "kmeans", dict(keep=0.5, layers=(0,)), {}),  # per-block rope tables evaluated between patches
+        ("eva02", "mctf", dict(keep=0.7, layers=(1, 2)), {}),  # one-step-ahead: reduce before attention, pooled weights
+    ],
+)
+def test_eva_compiles_in_one_graph(images, family, op, schedule, options):
+    """torch.compile(fullgraph=True) through the Eva adapter and its rope side tensors equals eager."""
     import torch._dynamo
 
-    model = FAMILIES["eva02"]()
-    patch(model, "kmeans", keep=0.5, layers=(1,), iters=2)
+    model = FAMILIES[family]()
+    patch(model, op, **schedule, **options)
     with torch.no_grad():
         eager = model(images)
         torch._dynamo.reset()
