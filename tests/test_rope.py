@@ -195,3 +195,17 @@ def test_a_rope_that_is_not_affine_falls_back_to_the_nearest_member():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert not model.tpool_state.fractional
+
+
+@pytest.mark.parametrize("family", ["eva02", "dinov3"])
+def test_a_bf16_table_reads_to_its_own_rounding(family):
+    """The steps are refined at the far end of each axis, so a bf16 table's rounding is not multiplied
+    by the distance from the origin: the reading stays within twice the table's own rounding."""
+    model = _model(family)
+    with torch.no_grad():
+        table = _table(model).float()
+    positions = (_grid_positions() + 0.5).clamp(max=GRID[0] - 1)
+    exact = rope_at_positions(table, positions, GRID).float()
+    rounded = rope_at_positions(table.bfloat16(), positions, GRID).float()
+    rounding = (table.bfloat16().float() - table).abs().max()
+    assert (rounded - exact).abs().max() <= 2 * rounding + 1e-6
