@@ -311,3 +311,10 @@ def test_release_host_memory_gives_freed_memory_back():
     assert release_host_memory()
     assert held - rss_mib() > 128  # most of the 256 MiB left the process
     del pinned_above
+
+
+def test_compiled_ratios_are_not_paired_by_index():
+    """Compiled variants are timed back to back: their ratio is the ratio of the medians."""
+    from tpool_cli.bench import paired_ratio
+
+    assert paired_ratio([10.0, 5.0, 5.0], [20.0, 10.0, 20.0], paired=False) == 0.25

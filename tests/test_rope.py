@@ -209,3 +209,29 @@ def test_a_bf16_table_reads_to_its_own_rounding(family):
     rounded = rope_at_positions(table.bfloat16(), positions, GRID).float()
     rounding = (table.bfloat16().float() - table).abs().max()
     assert (rounded - exact).abs().max() <= 2 * rounding + 1e-6
+
+
+def test_a_rope_too_fast_for_its_grid_falls_back():
+    """EVA-02's rope is scaled to its ref_feat_shape (16 x 16): on a 4 x 4 grid a channel turns by 4 rad
+    per patch, which the table alone would read as 4 - 2 pi; the module's own bands say so."""
+    from tpool_cli.adapters.rope import rope_step_bound
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, **{**SMALL, "patch_size": 8}).eval()
+    assert rope_step_bound(model.rope, (4, 4)) == pytest.approx(4.0)
+    assert "nearly pi" in affine_rope_problem(model, (4, 4))
+    patch(model, "kmeans", keep=0.5, layers=(0,))
+    assert not model.tpool_state.rope_between
+    assert affine_rope_problem(_model("eva02"), GRID) is None and rope_step_bound(_model("eva02").rope, GRID) == pytest.approx(2.0)
+
+
+def test_rope_results_key_on_the_position():
+    """The default position of a mean merge changed for rope models: their result rows name it, so a
+    result stored before is not taken for the new reading; other models' keys are unchanged."""
+    from tpool_cli.evaluate import model_config
+
+    rope_model = patch(_model("eva02"), "kmeans", keep=0.5, layers=(0,))
+    assert model_config(rope_model)["op_options"]["position"] == "mean"
+    torch.manual_seed(0)
+    plain = patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL).eval(), "kmeans", keep=0.5)
+    assert "position" not in model_config(plain)["op_options"]

@@ -156,7 +156,11 @@ class BenchRow:
             return v.timing.img_per_s if v.timing else None
 
         def ratio(a: Variant, b: Variant) -> Optional[float]:
-            value = paired_ratio(a.timing.runs_img_per_s, b.timing.runs_img_per_s) if a.timing and b.timing else None
+            if not (a.timing and b.timing):
+                return None
+            # eager runs are interleaved round by round, so run r of A and of B are neighbours; compiled
+            # variants are timed one after the other, where pairing by index means nothing
+            value = paired_ratio(a.timing.runs_img_per_s, b.timing.runs_img_per_s, paired=not settings.compile)
             return round(value, 4) if value is not None else None
 
         def compile_s(v: Variant) -> Optional[float]:
@@ -242,17 +246,18 @@ class BenchReport:
         }
 
 
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+def paired_ratio(a: Sequence[float], b: Sequence[float], paired: bool = True) -> Optional[float]:
     """Speed of A relative to B: the median over rounds of A's run / B's run in the same round.
 
     In eager mode round r times every variant once, one after the other (:meth:`_Bench.rounds`),
     so the two runs of a pair are seconds apart and a change of the machine's speed between
     rounds (another job starting) cancels in their ratio; the ratio of the two medians would
-    keep it. Runs of unequal count (a variant that failed part-way) fall back to that ratio.
+    keep it. ``paired=False`` (compiled variants, timed back to back, not in rounds) and runs of
+    unequal count (a variant that failed part-way) give the ratio of the medians.
     """
     if not a or not b or min(b) <= 0:
         return None
-    if len(a) != len(b):
+    if not paired or len(a) != len(b):
         return statistics.median(a) / statistics.median(b)
     return statistics.median(x / y for x, y in zip(a, b))
 

@@ -118,7 +118,8 @@ def model_config(model: nn.Module, loaded: Optional[LoadedModel] = None) -> dict
         "weights_sha256": loaded.weights_sha256 if loaded else None,
         "random_init": bool(loaded and not loaded.pretrained),
         "op": operator.label() if reduces else "none",
-        "op_options": operator.options() if reduces else {},
+        # rope models: every option in the key (position's default reading changed for them)
+        "op_options": operator.options(complete=bool(getattr(state, "uses_rope", False))) if reduces else {},
         "keep": (schedule.keep if schedule.keep is not None else None) if reduces else 1.0,
         "layers": list(schedule.reduction_layers(depth)) if reduces else [],
         "tokens": list(schedule.tokens) if reduces and schedule.tokens else None,

@@ -395,7 +395,7 @@ def patch(
             model.blocks[i], i, targets.get(i), Reducer(operator, state, i), remove=removals.get(i), keep=rate
         )
     state.uses_rope = any(blk.adapter.uses_rope for blk in model.blocks) and getattr(model, "rope", None) is not None
-    if state.uses_rope and operator.merges:
+    if state.uses_rope and getattr(operator, "position", None) == "mean":  # only a mean position needs it
         problem = affine_rope_problem(model, grid)
         state.rope_between = problem is None
         if problem:

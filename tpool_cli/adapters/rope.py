@@ -19,8 +19,9 @@ gives each channel's angle at the origin and its step per column and per row, an
 any (row, col). A step is read modulo 2 pi, so this holds when every channel turns by less than pi
 per patch: true of these ropes at their trained grids (temperature bands turn by at most 1 rad x
 the ``ref_feat_shape`` scale per patch, DINOv3's by 4 pi / grid side, mixed rope's initial
-frequencies by at most 1 rad). :func:`affine_rope_problem` checks a model's table at patch time
-and the patch falls back to the nearest member's row where it fails (logged).
+frequencies by at most 1 rad). :func:`affine_rope_problem` checks a model's table and its
+frequencies at patch time, and the patch falls back to the nearest member's row where it fails
+(logged); running EVA-02 far below its ``ref_feat_shape`` is such a case.
 """
 
 from __future__ import annotations
@@ -98,12 +99,57 @@ def rope_at_positions(rope: torch.Tensor, positions: torch.Tensor, grid: tuple[i
     return out.unsqueeze(1) if lead == 0 else out
 
 
+def _coordinate_steps(rope: nn.Module, grid: tuple[int, int]) -> Optional[float]:
+    """The largest change of a grid coordinate per patch in ``rope``'s coordinate units, None if unknown."""
+    kind = getattr(rope, "grid_type", "centered" if hasattr(rope, "periods") else "index")
+    if kind == "index":
+        per = 1.0
+    elif kind == "pixel":  # linspace(-1, 1, size)
+        per = 2.0 / max(1, min(grid) - 1)
+    elif kind == "centered":  # 2 (index + 0.5) / d - 1, d by normalize_coords
+        d = {"separate": min(grid), "min": min(grid), "max": max(grid)}.get(getattr(rope, "normalize_coords", "separate"))
+        if d is None:
+            return None
+        per = 2.0 / d
+    else:
+        return None
+    ref = getattr(rope, "ref_feat_shape", None)
+    if ref is not None:  # EVA's rescaling: coordinate x ref / feat (either axis order)
+        per *= max(max(r / f for r, f in zip(ref, grid)), max(r / f for r, f in zip(ref, grid[::-1])))
+    if getattr(rope, "aug_active", False):  # training-time jitter and rescale stretch the coordinates
+        per *= float(getattr(rope, "jitter_coords", None) or 1.0) * float(getattr(rope, "rescale_coords", None) or 1.0)
+    return per
+
+
+def rope_step_bound(rope: nn.Module, grid: tuple[int, int]) -> Optional[float]:
+    """The most any channel of ``rope`` turns per patch on ``grid`` (rad), from the module's own frequencies.
+
+    The table alone cannot tell a step s from s - 2 pi (both rebuild it exactly at the patches), so
+    the bound comes from what the module multiplies coordinates by: ``bands`` (axial rope),
+    ``freqs`` (mixed rope, per block and head), 2 pi / ``periods`` (DINOv3). None for a rope
+    module tpool does not know.
+    """
+    per = _coordinate_steps(rope, grid)
+    if per is None:
+        return None
+    if isinstance(getattr(rope, "bands", None), torch.Tensor):
+        frequency = rope.bands.detach().float().abs().max()
+    elif isinstance(getattr(rope, "freqs", None), torch.Tensor):
+        frequency = rope.freqs.detach().float().abs().max()
+    elif isinstance(getattr(rope, "periods", None), torch.Tensor):
+        frequency = 2 * math.pi / rope.periods.detach().float().abs().min()
+    else:
+        return None
+    return float(frequency) * per
+
+
 def affine_rope_problem(model: nn.Module, grid: Optional[tuple[int, int]]) -> Optional[str]:
     """Why the rope of ``model`` cannot be evaluated between patches (None when it can).
 
     Rebuilds the model's full-grid table (without coordinate augmentation) and checks that the
-    affine reading of :func:`rope_field` reproduces it at every patch and that no channel turns
-    by pi or more per patch.
+    affine reading of :func:`rope_field` reproduces it at every patch, and, from the module's own
+    frequencies (:func:`rope_step_bound`, augmentation's stretch included), that no channel turns
+    by 0.9 pi or more per patch: the table alone cannot show that.
     """
     rope = getattr(model, "rope", None)
     if rope is None or grid is None:
@@ -122,8 +168,11 @@ def affine_rope_problem(model: nn.Module, grid: Optional[tuple[int, int]]) -> Op
     if table.device.type == "meta":  # shapes only (tpool models, FLOP counts): nothing to check, nothing computed
         return None
     table = table.float()
+    bound = rope_step_bound(rope, grid)
+    if bound is None:
+        return f"its rope module ({type(rope).__name__}) has no frequencies tpool knows how to bound"
     _, per_row, per_col = rope_field(table, grid)
-    if max(per_row.abs().max().item(), per_col.abs().max().item()) > MAX_STEP:
+    if max(bound, per_row.abs().max().item(), per_col.abs().max().item()) > MAX_STEP:
         return "a rope channel turns by nearly pi or more per patch (its angle between patches is ambiguous)"
     i = torch.arange(grid[0] * grid[1])
     integer = torch.stack([torch.div(i, grid[1], rounding_mode="floor"), i % grid[1]], dim=-1).float().unsqueeze(0)

@@ -220,13 +220,17 @@ class TokenOperator:
         """The operator's own work, called only with 1 <= k < n; must return the assignment."""
         raise NotImplementedError
 
-    def options(self) -> dict[str, object]:
-        """This operator's option values, for result rows (an option added later is left out at its
-        default, ``KEY_WHEN_SET``, so results stored before it existed keep their keys)."""
+    def options(self, complete: bool = False) -> dict[str, object]:
+        """This operator's option values, for result rows and keys.
+
+        An option added later (``KEY_WHEN_SET``) is left out at its default, so results stored
+        before it existed keep their keys, unless ``complete``: the caller says the option
+        matters to the result (``position`` in a rope model, whose default reading changed).
+        """
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if not (f.metadata.get("key_when_set") and getattr(self, f.name) == f.default)
+            if complete or not (f.metadata.get("key_when_set") and getattr(self, f.name) == f.default)
         }
 
     def label(self) -> str:
