@@ -39,7 +39,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .base import KEYS, RECEIVED, MeanPosition, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, RECEIVED, MeanPosition, ReduceContext, Reduction, TokenOperator, identity_reduction
 from .common import pool_by_assignment
 from .tofu import sequence_split
 from .tome import realise_bipartite
@@ -144,10 +144,10 @@ class MCTF(MeanPosition, TokenOperator):
         return realise_bipartite(n, k)
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        b, n, _ = x.shape
+        n = x.shape[1]
         r = n - self.realise(n, k, None)
         if r == 0:  # static (shapes only): nothing to fuse
-            return Reduction(x, ctx.sizes, torch.arange(n, device=x.device).expand(b, n))
+            return identity_reduction(x, ctx)
         metric = ctx.keys if self.metric == "keys" else x
         assert metric is not None, "mctf(metric=keys) needs the block's keys"
         received = ctx.received

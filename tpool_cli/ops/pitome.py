@@ -30,7 +30,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator, identity_reduction
 from .common import pool_by_assignment
 from .tome import realise_bipartite
 
@@ -114,10 +114,10 @@ class PiToMe(MeanPosition, TokenOperator):
         return {"first_half": layer < first, "last_half": layer >= first, "none": False, "all": True}[self.bsm_blocks]
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
-        b, n, _ = x.shape
+        n = x.shape[1]
         r = n - self.realise(n, k, None)
         if r == 0:  # static (shapes only): nothing to merge
-            return Reduction(x, ctx.sizes, torch.arange(n, device=x.device).expand(b, n))
+            return identity_reduction(x, ctx)
         assert ctx.keys is not None, "pitome needs the block's keys"
         energy, sim = energy_scores(ctx.keys, self.block_margin(ctx.layer, ctx.depth), self.alpha)
         order = energy.argsort(dim=-1, descending=True, stable=True)

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
+from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator, identity_reduction
 from .common import gather_tokens, pool_by_assignment
 from .tome import realise_bipartite
 
@@ -124,7 +124,7 @@ class ToFu(MeanPosition, TokenOperator):
         b, n, _ = x.shape
         r = n - self.realise(n, k, None)
         if r == 0:  # static (shapes only): nothing to remove
-            return Reduction(x, ctx.sizes, torch.arange(n, device=x.device).expand(b, n))
+            return identity_reduction(x, ctx)
         assert ctx.keys is not None, "tofu needs the block's keys"
         k = n - r
         prune = self.prunes(ctx.layer, ctx.depth)
