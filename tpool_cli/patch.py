@@ -65,7 +65,6 @@ class ReductionState:
     positions: Optional[torch.Tensor] = None  # B x N x 2 float32 (row, col) in patch units, None = the grid
     rope_index: Optional[torch.Tensor] = None  # B x N long: original patch whose rope rows a token uses
     rope_between: bool = False  # the model's rope can be evaluated between patches (adapters/rope.py)
-    fractional: bool = False  # this forward: some position is a mean, rope is evaluated at positions
     # a reduce-before-attention block's attention pooled by its reduction (Reducer -> that block, read once)
     pooled_attention: Optional[torch.Tensor] = None
 
@@ -76,8 +75,7 @@ class ReductionState:
         self.source = None
         self.positions = None
         self.rope_index = None
-        self.fractional = False
-        self.grid = self.initial_grid if self.initial_grid and self.initial_grid[0] * self.initial_grid[1] == self.n0 else None
+        self.grid = self.initial_grid if self.grid_known else None
         self.counts = {}
         self.history = []
         self.diagnostics = []
@@ -92,14 +90,18 @@ class ReductionState:
             self.source = follow_source(self.source, out.assignment)
             self.history.append(self.source)
         if self.uses_rope:
-            positions = self.positions if self.positions is not None else initial_positions(self, sizes)
-            index = self.rope_index
-            if index is None and not self.fractional:
-                index = torch.arange(sizes.shape[1], device=sizes.device).expand_as(sizes)
+            if self.positions is None:  # the first reduction: every token at its own patch
+                positions = initial_positions(self, sizes)
+                index: Optional[torch.Tensor] = torch.arange(sizes.shape[1], device=sizes.device).expand_as(sizes)
+            else:
+                positions, index = self.positions, self.rope_index
             rule = position_rule(out, position, exact=self.rope_between and self.grid_known)
-            k = out.tokens.shape[1]
-            self.positions, self.rope_index = follow_positions(positions, index, sizes, out, k, rule)
-            self.fractional = self.fractional or rule == "mean"
+            self.positions, self.rope_index = follow_positions(positions, index, sizes, out, out.tokens.shape[1], rule)
+
+    @property
+    def fractional(self) -> bool:
+        """Some position is a mean evaluated as such: positions exist but no rope rows follow them."""
+        return self.positions is not None and self.rope_index is None
 
     @property
     def grid_known(self) -> bool:
