@@ -57,18 +57,21 @@ def _wrap(angle: torch.Tensor) -> torch.Tensor:
 
 
 def rope_field(rope: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(angle at patch (0, 0), step per row, step per column), each (..., D), of a rope table (..., N0, 2D)."""
-    sin, cos = rope.float().tensor_split(2, -1)
-    angle = torch.atan2(sin, cos)  # (..., N0, D), each channel's angle modulo 2 pi
+    """(angle at patch (0, 0), step per row, step per column), each (..., D), of a rope table (..., N0, 2D).
+
+    Reads five rows of the table only (the origin, its two neighbours and the far end of each
+    axis): this runs in every block after a mean merge.
+    """
     rows, cols = grid
-    origin = angle[..., 0, :]
-    per_col = _step(angle, origin, 1, cols - 1)
-    per_row = _step(angle, origin, cols, rows - 1)
-    return origin, per_row, per_col
+    needed = [0, min(1, cols - 1), cols - 1, min(cols, (rows - 1) * cols), (rows - 1) * cols]
+    sin, cos = rope.index_select(-2, torch.tensor(needed, device=rope.device)).float().tensor_split(2, -1)
+    angle = dict(zip(needed, torch.atan2(sin, cos).unbind(-2)))  # each channel's angle modulo 2 pi
+    origin = angle[0]
+    return origin, _step(angle, origin, cols, rows - 1), _step(angle, origin, 1, cols - 1)
 
 
-def _step(angle: torch.Tensor, origin: torch.Tensor, stride: int, far: int) -> torch.Tensor:
-    """Each channel's angle step along one axis (``stride`` rows of the table per patch, ``far`` + 1 patches).
+def _step(angle: dict[int, torch.Tensor], origin: torch.Tensor, stride: int, far: int) -> torch.Tensor:
+    """Each channel's angle step along one axis (``stride`` table rows per patch, ``far`` + 1 patches).
 
     Read first between the first two patches, then refined at the axis's last patch (the wrapped
     gap between where the first step predicts it and where it is, spread over ``far`` steps): the
@@ -77,9 +80,9 @@ def _step(angle: torch.Tensor, origin: torch.Tensor, stride: int, far: int) -> t
     """
     if far < 1:
         return torch.zeros_like(origin)
-    step = _wrap(angle[..., stride, :] - origin)
+    step = _wrap(angle[stride] - origin)
     if far > 1:
-        step = step + _wrap(angle[..., far * stride, :] - origin - far * step) / far
+        step = step + _wrap(angle[far * stride] - origin - far * step) / far
     return step
 
 
