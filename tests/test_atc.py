@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_vit
 from tpool_cli.ops import make_operator
-from tpool_cli.ops.atc import agglomerative_labels, cosine_distances
+from tpool_cli.ops.atc import agglomerative_labels, cosine_distances, reciprocal_labels, sequential_labels
 from tpool_cli.ops.base import ReduceContext
 from tpool_cli.patch import patch, planned_counts
 
@@ -27,16 +27,35 @@ def sklearn_labels(dist: torch.Tensor, k: int, linkage: str):
     return sklearn_cluster.AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage).fit(dist.numpy()).labels_
 
 
+IMPLEMENTATIONS = [reciprocal_labels, sequential_labels]  # eager, compiled
+
+
+def float64_cosine_distances(x: torch.Tensor) -> torch.Tensor:
+    """1 - cos computed in float64 (distances cast from float32 tie at this many pairs: not a test of the rule)."""
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    d = 1 - x @ x.transpose(1, 2)
+    return torch.where(torch.ones_like(d[0], dtype=torch.bool).triu(1), d, d.transpose(1, 2))
+
+
+@pytest.mark.parametrize("labels_of", IMPLEMENTATIONS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("linkage", LINKAGES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_partition_matches_scikit_learn(linkage, dtype):
+def test_partition_matches_scikit_learn(labels_of, linkage, dtype):
     gen = torch.Generator().manual_seed(7)
-    for b, n, k in SHAPES:
-        dist = cosine_distances(torch.randn(b, n, 8, generator=gen)).to(dtype)
-        labels = agglomerative_labels(dist, k, linkage)
+    for b, n, k in SHAPES + [(4, 196, 137), (2, 196, 98)]:  # 196 tokens at keep 0.7 and 0.5, as in DeiT-S
+        x = torch.randn(b, n, 8 if n < 196 else 64, generator=gen)
+        dist = cosine_distances(x) if dtype == torch.float32 else float64_cosine_distances(x)
+        labels = labels_of(dist, k, linkage)
         assert labels.shape == (b, n) and labels.min() == 0 and labels.max() == k - 1
         for i in range(b):
             assert same_partition(labels[i], sklearn_labels(dist[i], k, linkage)), (linkage, b, n, k, i)
+
+
+def test_eager_runs_the_rounds():
+    """Outside torch.compile the labels come from the rounds (same partition as the sequential form here)."""
+    dist = cosine_distances(torch.randn(3, 50, 8))
+    assert torch.equal(agglomerative_labels(dist, 20), reciprocal_labels(dist, 20))
+    assert torch.equal(reciprocal_labels(dist, 20), sequential_labels(dist, 20))
 
 
 def test_clusters_are_numbered_by_their_first_member():
@@ -146,13 +165,68 @@ def greedy_reference(dist: torch.Tensor, k: int, linkage: str) -> list[int]:
     return [order[lab] for lab in label]
 
 
+def _tied_distances(b: int, n: int, levels: int, gen: torch.Generator) -> torch.Tensor:
+    upper = torch.randint(1, levels, (b, n, n), generator=gen).double().triu(1)
+    return upper + upper.transpose(1, 2)
+
+
 @pytest.mark.parametrize("linkage", LINKAGES)
-def test_ties_follow_the_row_major_rule(linkage):
+def test_sequential_ties_follow_the_row_major_rule(linkage):
     """Distances on a few integer levels (many exact ties): the same labels as the plain greedy."""
     gen = torch.Generator().manual_seed(3)
     for b, n, k in [(3, 12, 4), (2, 25, 9), (2, 40, 3)]:
-        upper = torch.randint(1, 4, (b, n, n), generator=gen).double().triu(1)
-        dist = upper + upper.transpose(1, 2)
-        labels = agglomerative_labels(dist, k, linkage)
+        dist = _tied_distances(b, n, 4, gen)
+        labels = sequential_labels(dist, k, linkage)
         for i in range(b):
             assert labels[i].tolist() == greedy_reference(dist[i], k, linkage), (linkage, n, k, i)
+
+
+def reached_by_some_tie_order(dist: torch.Tensor, k: int, linkage: str, labels: torch.Tensor) -> bool:
+    """Does a closest-pair greedy that breaks ties towards pairs inside one cluster of ``labels`` end at them?
+
+    True means the partition is one that agglomerative clustering gives under some order of the
+    equal distances (what "ties aside" allows); a merge across the given clusters at the closest
+    distance, or a different end, means it is not.
+    """
+    d = dist.clone().fill_diagonal_(float("inf"))
+    n = d.shape[0]
+    alive, count, label, want = list(range(n)), [1.0] * n, list(range(n)), labels.tolist()
+    for _ in range(n - k):
+        closest = min(d[i, j].item() for a, i in enumerate(alive) for j in alive[a + 1 :])
+        inside = [(i, j) for a, i in enumerate(alive) for j in alive[a + 1 :] if d[i, j].item() == closest and want[i] == want[j]]
+        if not inside:
+            return False
+        i, j = inside[0]
+        if linkage == "average":
+            row = (count[i] * d[i] + count[j] * d[j]) / (count[i] + count[j])
+        else:
+            row = torch.maximum(d[i], d[j]) if linkage == "complete" else torch.minimum(d[i], d[j])
+        d[i], d[:, i] = row, row
+        d[i, i] = float("inf")
+        count[i] += count[j]
+        alive.remove(j)
+        label = [i if lab == j else lab for lab in label]
+    return same_partition(torch.tensor(label), want)
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_rounds_under_ties_give_a_partition_some_tie_order_gives(linkage):
+    """Many exact ties (2 or 3 distance levels): K clusters that the closest-pair greedy reaches under some tie order."""
+    gen = torch.Generator().manual_seed(3)
+    for b, n, k in [(3, 12, 4), (2, 25, 9), (2, 40, 3), (3, 30, 20)]:
+        for levels in (2, 4):
+            dist = _tied_distances(b, n, levels, gen)
+            labels = reciprocal_labels(dist, k, linkage)
+            for i in range(b):
+                assert sorted(set(labels[i].tolist())) == list(range(k))
+                assert reached_by_some_tie_order(dist[i], k, linkage, labels[i]), (linkage, n, k, levels, i)
+
+
+@pytest.mark.parametrize("labels_of", IMPLEMENTATIONS, ids=lambda f: f.__name__)
+def test_all_equal_and_nan_distances_still_give_k_labels(labels_of):
+    """Degenerate inputs end with labels in [0, k): every distance equal; a NaN pair (a NaN key upstream)."""
+    assert all(len(set(row.tolist())) == 3 for row in labels_of(torch.zeros(2, 10, 10), 3))
+    dist = cosine_distances(torch.randn(1, 8, 4))
+    dist[0, 2, 3] = dist[0, 3, 2] = float("nan")
+    labels = labels_of(dist, 3)
+    assert labels.shape == (1, 8) and 0 <= labels.min() and labels.max() <= 2
