@@ -117,7 +117,8 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
     * only rows whose nearest neighbour merged are re-read (the others keep theirs: a merged
       cluster is never closer than the nearer of its two parts).
 
-    About 4 rounds at keep 0.7 and 6 at 0.5 for 196 tokens (one host read each, sizing the round),
+    About 4 rounds at keep 0.7 and 6 at 0.5 for 196 tokens (one host read each, sizing the round;
+    one more at the end),
     against N - k steps for :func:`sequential_labels`. Absorbed clusters are masked by +inf added
     before each minimum, not written; padded slots point at a dummy cluster N. Equal heights at the
     cut go to the earlier round, so a merge is kept only with the merges it was built from.
@@ -155,10 +156,9 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         # rows to re-read after the merges: the merged ones and the live ones whose nearest cluster merges
         reread = keep | (nnd <= bound) & ~merged & merged.gather(1, nn)
         pairs, rereads = keep.sum(1), reread.sum(1)
-        finished = (height < nnd.amin(dim=1, keepdim=True)).sum(1) >= need
-        p, s, done = torch.stack([pairs.max(), rereads.max(), finished.all()]).tolist()  # the round's host read
-        if p == 0:
-            if done or refreshed:
+        p, s = torch.stack([pairs.max(), rereads.max()]).tolist()  # the round's host read
+        if p == 0:  # finished when every image has need merges below its closest remaining pair
+            if refreshed or bool(((height < nnd.amin(dim=1, keepdim=True)).sum(1) >= need).all()):
                 break
             # equal distances can leave a kept neighbour that is not the first: re-read every row once
             nnd, nn = (d + dead).min(dim=2)
