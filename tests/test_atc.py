@@ -141,17 +141,20 @@ def test_compiles_as_one_graph():
         assert torch.equal(g, want)
 
 
-def greedy_reference(dist: torch.Tensor, k: int, linkage: str) -> list[int]:
-    """The specification, one image, plainly: merge the closest pair (first in row-major order
-    among equal distances, i < j) until k clusters remain; the merged cluster takes i's index and
-    Lance-Williams distances (average: scipy's (n_i d_i + n_j d_j) / (n_i + n_j)); clusters are
-    numbered in the order of their lowest member."""
+def _closest_pair_greedy(dist: torch.Tensor, k: int, linkage: str, pick) -> list[int] | None:
+    """One image, plainly: merge a closest pair until k clusters remain; the merged cluster takes
+    i's index and Lance-Williams distances (average: scipy's (n_i d_i + n_j d_j) / (n_i + n_j)).
+    ``pick`` chooses among the closest pairs (i < j, row-major order); None from it stops the run.
+    Returns every point's cluster, numbered in the order of their lowest member (None if stopped)."""
     d = dist.clone().fill_diagonal_(float("inf"))
     n = d.shape[0]
     alive, count, label = list(range(n)), [1.0] * n, list(range(n))
     for _ in range(n - k):
-        best = min((d[i, j].item(), i, j) for a, i in enumerate(alive) for j in alive[a + 1 :])
-        _, i, j = best
+        closest = min(d[i, j].item() for a, i in enumerate(alive) for j in alive[a + 1 :])
+        chosen = pick([(i, j) for a, i in enumerate(alive) for j in alive[a + 1 :] if d[i, j].item() == closest])
+        if chosen is None:
+            return None
+        i, j = chosen
         if linkage == "average":
             row = (count[i] * d[i] + count[j] * d[j]) / (count[i] + count[j])
         else:
@@ -163,6 +166,11 @@ def greedy_reference(dist: torch.Tensor, k: int, linkage: str) -> list[int]:
         label = [i if lab == j else lab for lab in label]
     order = {root: c for c, root in enumerate(sorted(set(label)))}
     return [order[lab] for lab in label]
+
+
+def greedy_reference(dist: torch.Tensor, k: int, linkage: str) -> list[int]:
+    """The specification: the closest pair first in row-major order among equal distances."""
+    return _closest_pair_greedy(dist, k, linkage, lambda pairs: pairs[0])
 
 
 def _tied_distances(b: int, n: int, levels: int, gen: torch.Generator) -> torch.Tensor:
@@ -188,25 +196,9 @@ def reached_by_some_tie_order(dist: torch.Tensor, k: int, linkage: str, labels: 
     equal distances (what "ties aside" allows); a merge across the given clusters at the closest
     distance, or a different end, means it is not.
     """
-    d = dist.clone().fill_diagonal_(float("inf"))
-    n = d.shape[0]
-    alive, count, label, want = list(range(n)), [1.0] * n, list(range(n)), labels.tolist()
-    for _ in range(n - k):
-        closest = min(d[i, j].item() for a, i in enumerate(alive) for j in alive[a + 1 :])
-        inside = [(i, j) for a, i in enumerate(alive) for j in alive[a + 1 :] if d[i, j].item() == closest and want[i] == want[j]]
-        if not inside:
-            return False
-        i, j = inside[0]
-        if linkage == "average":
-            row = (count[i] * d[i] + count[j] * d[j]) / (count[i] + count[j])
-        else:
-            row = torch.maximum(d[i], d[j]) if linkage == "complete" else torch.minimum(d[i], d[j])
-        d[i], d[:, i] = row, row
-        d[i, i] = float("inf")
-        count[i] += count[j]
-        alive.remove(j)
-        label = [i if lab == j else lab for lab in label]
-    return same_partition(torch.tensor(label), want)
+    want = labels.tolist()
+    got = _closest_pair_greedy(dist, k, linkage, lambda pairs: next(((i, j) for i, j in pairs if want[i] == want[j]), None))
+    return got is not None and same_partition(torch.tensor(got), want)
 
 
 @pytest.mark.parametrize("linkage", LINKAGES)
