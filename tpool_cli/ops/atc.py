@@ -65,6 +65,16 @@ def _roots(parent: torch.Tensor, n: int) -> torch.Tensor:
     return parent
 
 
+def _numbered(root: torch.Tensor, k: int) -> torch.Tensor:
+    """Cluster index of every point from its root (B x N, the cluster's lowest member): roots numbered in order.
+
+    The clamp only matters for NaN distances, which can leave a merge undone (k + 1 roots).
+    """
+    n = root.shape[1]
+    rank = (root == torch.arange(n, device=root.device)).long().cumsum(dim=1) - 1
+    return rank.gather(1, root).clamp_max(k - 1)
+
+
 def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
     """Cluster index in [0, k) of every point (B x N long) after agglomerating to k clusters.
 
@@ -100,6 +110,45 @@ def _lance_williams(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor | None, n
     return torch.maximum(a, b) if linkage == "complete" else torch.minimum(a, b)
 
 
+def _merge_rows(d: torch.Tensor, flat: torch.Tensor, ki: torch.Tensor, kj: torch.Tensor, count: torch.Tensor | None, linkage: str):
+    """One round's merges, in place: the Lance-Williams rows of the p merged pairs (B x p, kj into ki)
+    written into rows and columns ki of the B x W x W matrix d. flat: B x 2p flat row ids of ki then kj.
+
+    Pairs merged in the same round are combined row, then column, and mirrored (the matrix stays
+    exactly symmetric). Returns the member counts of ki and kj (B x p x 1; None unless average).
+    """
+    b, w, _ = d.shape
+    p = ki.shape[1]
+    rows = d.view(b * w, w)
+    both = rows.index_select(0, flat.view(-1)).view(b, 2 * p, w)
+    ni = nj = None
+    if count is not None:
+        c = count.view(-1).index_select(0, flat.view(-1)).view(b, 2 * p, 1)
+        ni, nj = c[:, :p], c[:, p:]
+    new = _lance_williams(both[:, :p], both[:, p:], ni, nj, linkage)  # B x p x w: the merged rows
+    g = new.gather(2, torch.cat([ki, kj], dim=1).unsqueeze(1).expand(b, p, 2 * p))
+    tn = (ni.transpose(1, 2), nj.transpose(1, 2)) if ni is not None else (None, None)
+    pair = _lance_williams(g[:, :, :p], g[:, :, p:], tn[0], tn[1], linkage)
+    pair = torch.where(torch.ones(p, p, dtype=torch.bool, device=d.device).triu(1), pair, pair.transpose(1, 2))
+    pair.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    spread = ki.unsqueeze(1)
+    new.scatter_(2, spread.expand(b, p, p), pair)
+    rows.index_copy_(0, flat[:, :p].reshape(-1), new.view(b * p, w))
+    d.scatter_(2, spread.expand(b, w, p), new.transpose(1, 2))
+    return ni, nj
+
+
+def _padded(dist: torch.Tensor) -> torch.Tensor:
+    """B x (N+1) x (N+1) copy of the distances with +inf on the diagonal and in the last (dummy) row and column."""
+    b, n, _ = dist.shape
+    d = torch.empty(b, n + 1, n + 1, dtype=dist.dtype, device=dist.device)
+    d[:, :n, :n] = dist
+    d[:, n].fill_(math.inf)
+    d[:, :, n].fill_(math.inf)
+    d.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    return d
+
+
 def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
     """:func:`agglomerative_labels` by rounds of reciprocal-nearest-neighbour merges (eager form).
 
@@ -130,11 +179,7 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         return torch.arange(n, device=dev).expand(b, n).clone()
     inf = math.inf
     w = n + 1  # slot n: the dummy that padded slots read and write; never live
-    d = torch.empty(b, w, w, dtype=dtype, device=dev)
-    d[:, :n, :n] = dist
-    d[:, n].fill_(inf)
-    d[:, :, n].fill_(inf)
-    d.diagonal(dim1=1, dim2=2).fill_(inf)
+    d = _padded(dist)
     rows = d.view(b * w, w)
     dead = torch.zeros(b, 1, w, dtype=dtype, device=dev)  # +inf at absorbed clusters (and the dummy)
     dead[:, :, n] = inf
@@ -170,22 +215,7 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         ki = _first(keep, pairs, p, n)  # B x p keepers (the lower index of each pair), padded with the dummy
         kj = nn.gather(1, ki)
         flat = torch.cat([ki, kj], dim=1) + base
-        both = rows.index_select(0, flat.view(-1)).view(b, 2 * p, w)
-        ni = nj = None
-        if count is not None:
-            c = count.view(-1).index_select(0, flat.view(-1)).view(b, 2 * p, 1)
-            ni, nj = c[:, :p], c[:, p:]
-        new = _lance_williams(both[:, :p], both[:, p:], ni, nj, linkage)  # B x p x w: the merged rows
-        # between two clusters merged in the same round: combine the merged rows' columns i and j
-        g = new.gather(2, torch.cat([ki, kj], dim=1).unsqueeze(1).expand(b, p, 2 * p))
-        tn = (ni.transpose(1, 2), nj.transpose(1, 2)) if ni is not None else (None, None)
-        pair = _lance_williams(g[:, :, :p], g[:, :, p:], tn[0], tn[1], linkage)
-        pair = torch.where(torch.ones(p, p, dtype=torch.bool, device=dev).triu(1), pair, pair.transpose(1, 2))
-        pair.diagonal(dim1=1, dim2=2).fill_(inf)
-        spread = ki.unsqueeze(1)
-        new.scatter_(2, spread.expand(b, p, p), pair)
-        rows.index_copy_(0, flat[:, :p].reshape(-1), new.view(b * p, w))
-        d.scatter_(2, spread.expand(b, w, p), new.transpose(1, 2))
+        ni, nj = _merge_rows(d, flat, ki, kj, count, linkage)
         dead.scatter_(2, kj.unsqueeze(1), inf)
         if count is not None:
             count.scatter_(1, ki, (ni + nj).squeeze(2))
@@ -197,15 +227,22 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         nnd = nnd.scatter(1, rs, v).scatter(1, kj, inf)
         nn = nn.scatter(1, rs, ix).scatter(1, kj, torch.full_like(kj, n))  # a tensor: traced int scalars read as sources
         nnd[:, n], nn[:, n], height[:, n] = inf, n, inf
-    # the need lowest merges, equal heights in round order (a merge after the ones it was built from)
-    by_round = made_in[:, :n].argsort(dim=1, stable=True)
-    low = by_round.gather(1, height[:, :n].gather(1, by_round).argsort(dim=1, stable=True)[:, :need])
+    return _cut(height[:, :n], keeper[:, :n], made_in[:, :n], k)
+
+
+def _cut(height: torch.Tensor, keeper: torch.Tensor, made_in: torch.Tensor, k: int) -> torch.Tensor:
+    """Labels from the N - k lowest recorded merges (per absorbed cluster: height, absorber, round; B x N).
+
+    Equal heights go in round order, so a merge is kept only after the merges it was built from.
+    """
+    b, n = height.shape
+    dev = height.device
+    by_round = made_in.argsort(dim=1, stable=True)
+    low = by_round.gather(1, height.gather(1, by_round).argsort(dim=1, stable=True)[:, : n - k])
     nb = (torch.arange(b, device=dev) * n).unsqueeze(1)
     parent = torch.arange(b * n, device=dev)
     parent[(low + nb).view(-1)] = (keeper.gather(1, low) + nb).view(-1)
-    root = _roots(parent, n).view(b, n) - nb
-    rank = (root == torch.arange(n, device=dev)).long().cumsum(dim=1) - 1
-    return rank.gather(1, root).clamp_max(k - 1)  # the clamp only matters for NaN distances (merges missing)
+    return _numbered(_roots(parent, n).view(b, n) - nb, k)
 
 
 def sequential_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
@@ -281,9 +318,7 @@ def sequential_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
     if absorbed:  # every cluster is absorbed once, so the parent pointers can be written after the loop
         pairs = torch.stack(absorbed).view(-1, 2)
         parent.index_copy_(0, pairs[:, 1], pairs[:, 0])
-    root = _roots(parent, n).view(b, w)[:, :n] - base.unsqueeze(1)
-    rank = (root == torch.arange(n, device=dev)).long().cumsum(dim=1) - 1
-    return rank.gather(1, root).clamp_max(k - 1)  # NaN distances can leave a merge undone
+    return _numbered(_roots(parent, n).view(b, w)[:, :n] - base.unsqueeze(1), k)
 
 
 @dataclass(frozen=True)
