@@ -222,3 +222,26 @@ def test_all_equal_and_nan_distances_still_give_k_labels(labels_of):
     dist[0, 2, 3] = dist[0, 3, 2] = float("nan")
     labels = labels_of(dist, 3)
     assert labels.shape == (1, 8) and 0 <= labels.min() and labels.max() <= 2
+
+
+def _chain(n: int) -> torch.Tensor:
+    """d(i, j) = j + 0.001 i for i < j: average linkage absorbs one point per round (a chain)."""
+    i = torch.arange(n, dtype=torch.float64)
+    upper = (i[None] + 1e-3 * i[:, None]).triu(1)
+    return upper + upper.T
+
+
+def test_rounds_do_not_depend_on_the_batch_over_many_padded_rounds():
+    """An image padded in 150 rounds (its batch-mate merges more per round) keeps its own partition.
+
+    Found in review: the dummy slot's count doubled in each padded round and overflowed to inf
+    after 128, turning the image's distances NaN and stopping its merges.
+    """
+    n = 300
+    two_chains = torch.full((n, n), 1e6, dtype=torch.float64)
+    two_chains[:150, :150] = _chain(150)
+    two_chains[150:, 150:] = _chain(150) + 0.5
+    dist = torch.stack([two_chains, _chain(n)]).float()
+    alone = reciprocal_labels(dist[1:], 2)[0]
+    assert torch.equal(reciprocal_labels(dist, 2)[1], alone)
+    assert same_partition(alone, sklearn_labels(dist[1], 2, "average"))

@@ -68,7 +68,8 @@ def _roots(parent: torch.Tensor, n: int) -> torch.Tensor:
 def _numbered(root: torch.Tensor, k: int) -> torch.Tensor:
     """Cluster index of every point from its root (B x N, the cluster's lowest member): roots numbered in order.
 
-    The clamp only matters for NaN distances, which can leave a merge undone (k + 1 roots).
+    The clamp only matters for NaN or +inf distances, which can leave merges undone (more than k
+    roots); it keeps the labels in range, not the partition meaningful.
     """
     n = root.shape[1]
     rank = (root == torch.arange(n, device=root.device)).long().cumsum(dim=1) - 1
@@ -227,6 +228,8 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         nnd = nnd.scatter(1, rs, v).scatter(1, kj, inf)
         nn = nn.scatter(1, rs, ix).scatter(1, kj, torch.full_like(kj, n))  # a tensor: traced int scalars read as sources
         nnd[:, n], nn[:, n], height[:, n] = inf, n, inf
+        if count is not None:  # padded slots merge the dummy with itself: its count would double every round
+            count[:, n] = 1
     return _cut(height[:, :n], keeper[:, :n], made_in[:, :n], k)
 
 
