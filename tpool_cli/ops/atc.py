@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from .base import KEYS, MeanPosition, ReduceContext, Reduction, TokenOperator
-from .common import pool_by_assignment
+from .common import flat_rows, pool_by_assignment
 
 Linkage = Literal["average", "complete", "single"]
 
@@ -113,7 +113,8 @@ def _lance_williams(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor | None, n
 
 def _merge_rows(d: torch.Tensor, flat: torch.Tensor, ki: torch.Tensor, kj: torch.Tensor, count: torch.Tensor | None, linkage: str):
     """One round's merges, in place: the Lance-Williams rows of the p merged pairs (B x p, kj into ki)
-    written into rows and columns ki of the B x W x W matrix d. flat: B x 2p flat row ids of ki then kj.
+    written into rows and columns ki of the B x W x W matrix d. flat: the flat row ids of ki then kj
+    (``flat_rows`` of the B x 2p index).
 
     Pairs merged in the same round are combined row, then column, and mirrored (the matrix stays
     exactly symmetric). Returns the member counts of ki and kj (B x p x 1; None unless average).
@@ -121,10 +122,10 @@ def _merge_rows(d: torch.Tensor, flat: torch.Tensor, ki: torch.Tensor, kj: torch
     b, w, _ = d.shape
     p = ki.shape[1]
     rows = d.view(b * w, w)
-    both = rows.index_select(0, flat.view(-1)).view(b, 2 * p, w)
+    both = rows.index_select(0, flat).view(b, 2 * p, w)
     ni = nj = None
     if count is not None:
-        c = count.view(-1).index_select(0, flat.view(-1)).view(b, 2 * p, 1)
+        c = count.view(-1).index_select(0, flat).view(b, 2 * p, 1)
         ni, nj = c[:, :p], c[:, p:]
     new = _lance_williams(both[:, :p], both[:, p:], ni, nj, linkage)  # B x p x w: the merged rows
     g = new.gather(2, torch.cat([ki, kj], dim=1).unsqueeze(1).expand(b, p, 2 * p))
@@ -134,7 +135,7 @@ def _merge_rows(d: torch.Tensor, flat: torch.Tensor, ki: torch.Tensor, kj: torch
     pair.diagonal(dim1=1, dim2=2).fill_(math.inf)
     spread = ki.unsqueeze(1)
     new.scatter_(2, spread.expand(b, p, p), pair)
-    rows.index_copy_(0, flat[:, :p].reshape(-1), new.view(b * p, w))
+    rows.index_copy_(0, flat.view(b, 2 * p)[:, :p].reshape(-1), new.view(b * p, w))
     d.scatter_(2, spread.expand(b, w, p), new.transpose(1, 2))
     return ni, nj
 
@@ -168,8 +169,7 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
       cluster is never closer than the nearer of its two parts).
 
     About 4 rounds at keep 0.7 and 6 at 0.5 for 196 tokens (one host read each, sizing the round;
-    one more at the end),
-    against N - k steps for :func:`sequential_labels`. Absorbed clusters are masked by +inf added
+    one more at the end), against N - k steps for :func:`sequential_labels`. Absorbed clusters are masked by +inf added
     before each minimum, not written; padded slots point at a dummy cluster N. Equal heights at the
     cut go to the earlier round, so a merge is kept only with the merges it was built from.
     """
@@ -185,7 +185,6 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
     dead = torch.zeros(b, 1, w, dtype=dtype, device=dev)  # +inf at absorbed clusters (and the dummy)
     dead[:, :, n] = inf
     idx = torch.arange(w, device=dev)
-    base = (torch.arange(b, device=dev) * w).unsqueeze(1)
     count = torch.ones(b, w, dtype=dtype, device=dev) if linkage == "average" else None
     height = torch.full((b, w), inf, dtype=dtype, device=dev)  # per cluster index: the height it was absorbed at
     keeper = idx.repeat(b, 1)  # ... and the cluster that absorbed it
@@ -215,8 +214,7 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         refreshed = False
         ki = _first(keep, pairs, p, n)  # B x p keepers (the lower index of each pair), padded with the dummy
         kj = nn.gather(1, ki)
-        flat = torch.cat([ki, kj], dim=1) + base
-        ni, nj = _merge_rows(d, flat, ki, kj, count, linkage)
+        ni, nj = _merge_rows(d, flat_rows(torch.cat([ki, kj], dim=1), w), ki, kj, count, linkage)
         dead.scatter_(2, kj.unsqueeze(1), inf)
         if count is not None:
             count.scatter_(1, ki, (ni + nj).squeeze(2))
@@ -224,11 +222,12 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         keeper.scatter_(1, kj, ki)
         made_in.scatter_(1, kj, torch.full_like(kj, round_))
         rs = _first(reread, rereads, s, n)
-        v, ix = (rows.index_select(0, (rs + base).view(-1)).view(b, s, w) + dead).min(dim=2)
+        v, ix = (rows.index_select(0, flat_rows(rs, w)).view(b, s, w) + dead).min(dim=2)
         nnd = nnd.scatter(1, rs, v).scatter(1, kj, inf)
         nn = nn.scatter(1, rs, ix).scatter(1, kj, torch.full_like(kj, n))  # a tensor: traced int scalars read as sources
+        # padded slots wrote the dummy's state (merged it with itself): back to a dead cluster of one
         nnd[:, n], nn[:, n], height[:, n] = inf, n, inf
-        if count is not None:  # padded slots merge the dummy with itself: its count would double every round
+        if count is not None:
             count[:, n] = 1
     return _cut(height[:, :n], keeper[:, :n], made_in[:, :n], k)
 
@@ -244,7 +243,7 @@ def _cut(height: torch.Tensor, keeper: torch.Tensor, made_in: torch.Tensor, k: i
     low = by_round.gather(1, height.gather(1, by_round).argsort(dim=1, stable=True)[:, : n - k])
     nb = (torch.arange(b, device=dev) * n).unsqueeze(1)
     parent = torch.arange(b * n, device=dev)
-    parent[(low + nb).view(-1)] = (keeper.gather(1, low) + nb).view(-1)
+    parent[flat_rows(low, n)] = flat_rows(keeper.gather(1, low), n)
     return _numbered(_roots(parent, n).view(b, n) - nb, k)
 
 
