@@ -203,7 +203,7 @@ def reached_by_some_tie_order(dist: torch.Tensor, k: int, linkage: str, labels: 
 
 @pytest.mark.parametrize("linkage", LINKAGES)
 def test_rounds_under_ties_give_a_partition_some_tie_order_gives(linkage):
-    """Many exact ties (2 or 3 distance levels): K clusters that the closest-pair greedy reaches under some tie order."""
+    """Many exact ties (one or three distance levels): K clusters that the closest-pair greedy reaches under some tie order."""
     gen = torch.Generator().manual_seed(3)
     for b, n, k in [(3, 12, 4), (2, 25, 9), (2, 40, 3), (3, 30, 20)]:
         for levels in (2, 4):
