@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_vit
 from tpool_cli.ops import make_operator
-from tpool_cli.ops.atc import agglomerative_labels, cosine_distances, reciprocal_labels, sequential_labels
+from tpool_cli.ops.atc import agglomerative_labels, cosine_distances, key_labels, reciprocal_labels, sequential_labels
 from tpool_cli.ops.base import ReduceContext
 from tpool_cli.patch import patch, planned_counts
 
@@ -56,6 +56,18 @@ def test_eager_runs_the_rounds():
     dist = cosine_distances(torch.randn(3, 50, 8))
     assert torch.equal(agglomerative_labels(dist, 20), reciprocal_labels(dist, 20))
     assert torch.equal(reciprocal_labels(dist, 20), sequential_labels(dist, 20))
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_operator_path_is_the_pure_function(linkage):
+    """key_labels writes the distances straight into the rounds' padded matrix: same distances, same labels."""
+    keys = torch.randn(3, 196, 64, generator=torch.Generator().manual_seed(3))
+    dist = cosine_distances(keys)
+    out = torch.full((3, 197, 197), 5.0)
+    assert torch.equal(cosine_distances(keys, out=out[:, :196, :196]), dist) and torch.equal(out[:, :196, :196], dist)
+    assert torch.equal(out[:, 196], torch.full((3, 197), 5.0))  # nothing written outside the view
+    for k in (137, 98, 1):
+        assert torch.equal(key_labels(keys, k, linkage), agglomerative_labels(dist, k, linkage))
 
 
 def test_clusters_are_numbered_by_their_first_member():

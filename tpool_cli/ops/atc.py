@@ -44,18 +44,23 @@ from .common import flat_rows, pool_by_assignment
 Linkage = Literal["average", "complete", "single"]
 
 
-def cosine_distances(keys: torch.Tensor) -> torch.Tensor:
+def cosine_distances(keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """B x N x D features -> B x N x N float32 ``1 - cos``, exactly symmetric (upper triangle mirrored).
 
     The mirror matters: a matmul need not round (i, j) and (j, i) alike, and the merge loop's
-    argmin relies on symmetry to return the pair with i < j first.
+    argmin relies on symmetry to return the pair with i < j first. ``out`` (a B x N x N float32
+    view, e.g. the top-left block of the rounds' padded matrix) receives the result, so the
+    mirror is also the copy into it (``1 - cos`` is taken in place: two passes, not three).
+    The distances carry no gradient: they only choose the (discrete) clusters, and gradients reach
+    the tokens through the pooling.
     """
-    k = keys.float()
+    k = keys.detach().float()
     k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
-    d = 1.0 - k @ k.transpose(1, 2)
+    d = k @ k.transpose(1, 2)
+    torch.sub(torch.ones((), dtype=d.dtype, device=d.device), d, out=d)  # 1 - cos in place
     n = d.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu(1)
-    return torch.where(upper, d, d.transpose(1, 2))
+    return torch.where(upper, d, d.transpose(1, 2), out=torch.empty_like(d) if out is None else out)
 
 
 def _roots(parent: torch.Tensor, n: int) -> torch.Tensor:
@@ -107,7 +112,7 @@ def _lance_williams(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor | None, n
     callers mask the pair's own columns.
     """
     if linkage == "average":  # no fused multiply-add: scipy rounds each product
-        return (na * a + nb * b) / (na + nb)
+        return (na * a).add_(nb * b).div_(na + nb)
     return torch.maximum(a, b) if linkage == "complete" else torch.minimum(a, b)
 
 
@@ -136,19 +141,31 @@ def _merge_rows(d: torch.Tensor, flat: torch.Tensor, ki: torch.Tensor, kj: torch
     spread = ki.unsqueeze(1)
     new.scatter_(2, spread.expand(b, p, p), pair)
     rows.index_copy_(0, flat.view(b, 2 * p)[:, :p].reshape(-1), new.view(b * p, w))
-    d.scatter_(2, spread.expand(b, w, p), new.transpose(1, 2))
+    d.scatter_(2, spread.expand(b, w, p), new.transpose(1, 2).contiguous())  # a contiguous source scatters faster
     return ni, nj
 
 
-def _padded(dist: torch.Tensor) -> torch.Tensor:
-    """B x (N+1) x (N+1) copy of the distances with +inf on the diagonal and in the last (dummy) row and column."""
-    b, n, _ = dist.shape
-    d = torch.empty(b, n + 1, n + 1, dtype=dist.dtype, device=dist.device)
-    d[:, :n, :n] = dist
+def _padded(b: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised B x (N+1) x (N+1) matrix with +inf in the last (dummy) row and column: the
+    rounds' working matrix, whose top-left N x N block the caller fills with the distances."""
+    d = torch.empty(b, n + 1, n + 1, dtype=dtype, device=device)
     d[:, n].fill_(math.inf)
     d[:, :, n].fill_(math.inf)
-    d.diagonal(dim1=1, dim2=2).fill_(math.inf)
     return d
+
+
+def key_labels(keys: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
+    """``agglomerative_labels(cosine_distances(keys), k, linkage)``, what ATC runs, without the copy.
+
+    Eager, the distances are written straight into the rounds' padded matrix (the mirror pass is
+    the copy); inside ``torch.compile`` the sequential form runs on :func:`cosine_distances`.
+    """
+    if torch.compiler.is_compiling():
+        return sequential_labels(cosine_distances(keys), k, linkage)
+    b, n, _ = keys.shape
+    d = _padded(b, n, torch.float32, keys.device)
+    cosine_distances(keys, out=d[:, :n, :n])
+    return _rounds(d, k, linkage)
 
 
 def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> torch.Tensor:
@@ -174,13 +191,22 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
     cut go to the earlier round, so a merge is kept only with the merges it was built from.
     """
     b, n, _ = dist.shape
-    dev, dtype = dist.device, dist.dtype
+    d = _padded(b, n, dist.dtype, dist.device)
+    d[:, :n, :n] = dist
+    return _rounds(d, k, linkage)
+
+
+def _rounds(d: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+    """:func:`reciprocal_labels` on its working matrix: B x (N+1) x (N+1) from :func:`_padded`, the
+    distances in the top-left block (overwritten: the diagonal set to +inf, merged rows written)."""
+    b, w, _ = d.shape
+    n = w - 1  # slot n: the dummy that padded slots read and write; never live
+    dev, dtype = d.device, d.dtype
     need = n - k
     if need <= 0:
         return torch.arange(n, device=dev).expand(b, n).clone()
     inf = math.inf
-    w = n + 1  # slot n: the dummy that padded slots read and write; never live
-    d = _padded(dist)
+    d.diagonal(dim1=1, dim2=2).fill_(inf)
     rows = d.view(b * w, w)
     dead = torch.zeros(b, 1, w, dtype=dtype, device=dev)  # +inf at absorbed clusters (and the dummy)
     dead[:, :, n] = inf
@@ -222,7 +248,7 @@ def reciprocal_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         keeper.scatter_(1, kj, ki)
         made_in.scatter_(1, kj, torch.full_like(kj, round_))
         rs = _first(reread, rereads, s, n)
-        v, ix = (rows.index_select(0, flat_rows(rs, w)).view(b, s, w) + dead).min(dim=2)
+        v, ix = rows.index_select(0, flat_rows(rs, w)).view(b, s, w).add_(dead).min(dim=2)
         nnd = nnd.scatter(1, rs, v).scatter(1, kj, inf)
         nn = nn.scatter(1, rs, ix).scatter(1, kj, torch.full_like(kj, n))  # a tensor: traced int scalars read as sources
         # padded slots wrote the dummy's state (merged it with itself): back to a dead cluster of one
@@ -339,6 +365,6 @@ class ATC(MeanPosition, TokenOperator):
 
     def reduce(self, x: torch.Tensor, k: int, ctx: ReduceContext) -> Reduction:
         assert ctx.keys is not None, "atc needs the block's keys"
-        assignment = agglomerative_labels(cosine_distances(ctx.keys), k, self.linkage)
+        assignment = key_labels(ctx.keys, k, self.linkage)
         tokens, sizes = pool_by_assignment(x, ctx.sizes, assignment, k)
         return Reduction(tokens, sizes, assignment)
