@@ -58,6 +58,17 @@ def test_eager_runs_the_rounds():
     assert torch.equal(reciprocal_labels(dist, 20), sequential_labels(dist, 20))
 
 
+def test_autocast_keeps_float32_distances():
+    """Under bf16 autocast (CUDA's default AMP) the clustering still runs on float32 distances: same assignment."""
+    gen = torch.Generator().manual_seed(5)
+    x, keys = torch.randn(2, 60, 16, generator=gen), torch.randn(2, 60, 8, generator=gen) + 3.0  # bf16 would tie these
+    ctx = ReduceContext(sizes=torch.ones(2, 60), keys=keys)
+    ref = make_operator("atc")(x, 25, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = make_operator("atc")(x, 25, ctx)
+    assert torch.equal(amp.assignment, ref.assignment) and torch.equal(amp.tokens, ref.tokens)
+
+
 @pytest.mark.parametrize("linkage", LINKAGES)
 def test_operator_path_is_the_pure_function(linkage):
     """key_labels writes the distances straight into the rounds' padded matrix: same distances, same labels."""

@@ -44,6 +44,18 @@ def test_token_counts_follow_the_schedule(family, op, images):
     assert counts[0] == (64, 64) and counts[3] == (counts[2][1],) * 2
 
 
+@pytest.mark.parametrize("op", REDUCING)
+def test_every_operator_runs_under_bf16_autocast(op, images):
+    """CUDA evaluation runs under bf16 autocast by default; emulated here on the CPU: the patched model
+    runs, keeps the schedule and gives finite logits (an out= buffer of the wrong dtype once broke atc)."""
+    model = tiny_vit()
+    patch(model, op, keep=0.5, layers=(1, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    assert [model.tpool_state.counts[i] for i in range(4)] == planned_counts(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("op", REDUCING)
 def test_prefix_tokens_pass_through_untouched(family, op, images):

@@ -357,6 +357,7 @@ class ATC(MeanPosition, TokenOperator):
     summary = "ATC: agglomerative clustering of the keys (cosine, average/complete/single linkage), size-weighted"
     merges = True
     default_prop_attn = True  # ATC's off-the-shelf patch (SSLBackbone_setup apply_patch) defaults to it
+    autocast = False  # float32 distances and merges under AMP: bf16's 8 mantissa bits would tie most distances
 
     linkage: Linkage = "average"
 
