@@ -52,11 +52,13 @@ def cosine_distances(keys: torch.Tensor, out: torch.Tensor | None = None) -> tor
     view, e.g. the top-left block of the rounds' padded matrix) receives the result, so the
     mirror is also the copy into it (``1 - cos`` is taken in place: two passes, not three).
     The distances carry no gradient: they only choose the (discrete) clusters, and gradients reach
-    the tokens through the pooling.
+    the tokens through the pooling. They are float32 under a caller's autocast too (the operator
+    also runs with autocast off, ``ATC.autocast``; this keeps the function's own promise).
     """
-    k = keys.detach().float()
-    k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
-    d = k @ k.transpose(1, 2)
+    with torch.autocast(device_type=keys.device.type, enabled=False):
+        k = keys.detach().float()
+        k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
+        d = k @ k.transpose(1, 2)
     torch.sub(torch.ones((), dtype=d.dtype, device=d.device), d, out=d)  # 1 - cos in place
     n = d.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu(1)
