@@ -52,13 +52,12 @@ def cosine_distances(keys: torch.Tensor, out: torch.Tensor | None = None) -> tor
     view, e.g. the top-left block of the rounds' padded matrix) receives the result, so the
     mirror is also the copy into it (``1 - cos`` is taken in place: two passes, not three).
     The distances carry no gradient: they only choose the (discrete) clusters, and gradients reach
-    the tokens through the pooling. They are float32 under a caller's autocast too (the operator
-    also runs with autocast off, ``ATC.autocast``; this keeps the function's own promise).
+    the tokens through the pooling. Call it with autocast off, as ``ATC.reduce`` runs
+    (``ATC.autocast``): under autocast the matmul rounds to the autocast dtype.
     """
-    with torch.autocast(device_type=keys.device.type, enabled=False):
-        k = keys.detach().float()
-        k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
-        d = k @ k.transpose(1, 2)
+    k = keys.detach().float()
+    k = k / torch.linalg.vecdot(k, k).sqrt().clamp_min(1e-12).unsqueeze(-1)
+    d = k @ k.transpose(1, 2)
     torch.sub(torch.ones((), dtype=d.dtype, device=d.device), d, out=d)  # 1 - cos in place
     n = d.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=d.device).triu(1)
@@ -98,7 +97,7 @@ def agglomerative_labels(dist: torch.Tensor, k: int, linkage: str = "average") -
     return reciprocal_labels(dist, k, linkage)
 
 
-def _first(mask: torch.Tensor, count: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+def _first(mask: torch.Tensor, width: int, pad: int) -> torch.Tensor:
     """The indices of each row's True entries (B x W bool), in order, padded with ``pad`` to ``width``."""
     b, w = mask.shape
     position = torch.where(mask, mask.cumsum(dim=1) - 1, width)  # unselected entries go to a spare column
@@ -228,8 +227,7 @@ def _rounds(d: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
         merged = keep | mutual & keep.gather(1, nn)
         # rows to re-read after the merges: the merged ones and the live ones whose nearest cluster merges
         reread = keep | (nnd <= bound) & ~merged & merged.gather(1, nn)
-        pairs, rereads = keep.sum(1), reread.sum(1)
-        p, s = torch.stack([pairs.max(), rereads.max()]).tolist()  # the round's host read
+        p, s = torch.stack([keep.sum(1).max(), reread.sum(1).max()]).tolist()  # the round's host read: its widths
         if p == 0:  # finished when every image has need merges below its closest remaining pair
             if refreshed or bool(((height < nnd.amin(dim=1, keepdim=True)).sum(1) >= need).all()):
                 break
@@ -240,7 +238,7 @@ def _rounds(d: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
             refreshed = True
             continue
         refreshed = False
-        ki = _first(keep, pairs, p, n)  # B x p keepers (the lower index of each pair), padded with the dummy
+        ki = _first(keep, p, n)  # B x p keepers (the lower index of each pair), padded with the dummy
         kj = nn.gather(1, ki)
         ni, nj = _merge_rows(d, flat_rows(torch.cat([ki, kj], dim=1), w), ki, kj, count, linkage)
         dead.scatter_(2, kj.unsqueeze(1), inf)
@@ -249,7 +247,7 @@ def _rounds(d: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
         height.scatter_(1, kj, nnd.gather(1, ki))
         keeper.scatter_(1, kj, ki)
         made_in.scatter_(1, kj, torch.full_like(kj, round_))
-        rs = _first(reread, rereads, s, n)
+        rs = _first(reread, s, n)
         v, ix = rows.index_select(0, flat_rows(rs, w)).view(b, s, w).add_(dead).min(dim=2)
         nnd = nnd.scatter(1, rs, v).scatter(1, kj, inf)
         nn = nn.scatter(1, rs, ix).scatter(1, kj, torch.full_like(kj, n))  # a tensor: traced int scalars read as sources
