@@ -31,6 +31,8 @@ def script(name: str, *args: str) -> str:
         ("operators.py", ["--device", "cpu", "--batch", "1", "--repeats", "1", "--warmup", "0", "--ops", "topk,kmeans,tome"],
          ["| kmeans | 137 |", "reducing block / ideal"]),
         ("distance_precision.py", ["--device", "cpu", "--batch", "1"], ["bf16 equal to fp32"]),
+        ("atc_reference.py", ["--batch", "2", "--repeats", "1", "--warmup", "0"],
+         ["same partition as the reference (up to relabelling): 2 of 2 images", "| tpool atc |"]),
         ("gpu.py", ["--device", "cpu", "--model", "tpool_digits_vit", "--batch-size", "2", "--steps", "1", "--repeats", "1",
                     "--warmup", "0", "--mode", "eager", "--keep", "0.5", "--ops", "topk,kmeans", "--no-gmacs"],
          ["| ideal (free reduction) | 0.5 |", "| kmeans | 0.5 |"]),

@@ -1,0 +1,156 @@
+"""tpool's `atc` next to the procedure of ATC's reference code, on the same keys: time and partition.
+
+ATC's reference (JoakimHaurum/ATC, ``ATC_setup/models/atc.py``, ``agglomerative_clustering`` +
+``merge_wavg``) computes ``1 - cos`` of the keys on the model's device, moves it to the host as
+NumPy and calls ``sklearn.cluster.AgglomerativeClustering(n_clusters=K, metric="precomputed",
+linkage=...)`` once per image, then pools size-weighted. This script re-expresses that procedure
+(``reference_operator``: the same calls in the same order, not the repository's code) and times it,
+tpool's ``atc`` operator and tpool's ``tome`` operator on one DeiT-S block's keys, interleaved in one
+run (every repeat times every candidate once), medians reported with their ratios; it also counts
+the images on which the reference's and tpool's partitions agree (up to relabelling). One
+reduction, 196 patch tokens to K, as ``benchmarks/operators.py``.
+
+    python benchmarks/atc_reference.py --batch 8 --threads 1
+    python benchmarks/atc_reference.py --batch 64 --keep 0.5 --linkage complete --threads 1
+
+Needs scikit-learn (in the test extras: ``pip install -e '.[test]'``), as the reference does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from timm.models.vision_transformer import Block  # noqa: E402
+
+from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
+from tpool_cli.device import steady_host_allocator  # noqa: E402
+from tpool_cli.ops import make_operators  # noqa: E402
+from tpool_cli.ops.base import KEYS, ReduceContext  # noqa: E402
+
+
+def reference_labels(keys: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+    """Cluster labels as ATC's reference gets them: device cosine, host NumPy, scikit-learn per image."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    with torch.no_grad():
+        unit = keys / keys.norm(dim=-1, keepdim=True)
+        distances = (1 - unit @ unit.transpose(-1, -2)).cpu().numpy()
+    clustering = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage)
+    labels = [torch.from_numpy(clustering.fit(image).labels_) for image in distances]
+    return torch.stack(labels).to(device=keys.device, dtype=torch.long)
+
+
+def reference_operator(x: torch.Tensor, sizes: torch.Tensor, keys: torch.Tensor, k: int, linkage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's whole reduction: labels, then ``merge_wavg``'s size-weighted scatter sums."""
+    labels = reference_labels(keys, k, linkage)
+    b, _, c = x.shape
+    index = labels.unsqueeze(-1)
+    summed = torch.zeros(b, k, c, dtype=x.dtype, device=x.device).scatter_reduce(1, index.expand(-1, -1, c), x * sizes.unsqueeze(-1), reduce="sum")
+    size = torch.zeros(b, k, 1, dtype=x.dtype, device=x.device).scatter_reduce(1, index, sizes.unsqueeze(-1), reduce="sum")
+    return summed / size, size.squeeze(-1)
+
+
+def canonical(labels: torch.Tensor) -> torch.Tensor:
+    """Labels renumbered in order of first appearance (per image), so that equal partitions compare equal."""
+    renumbered = []
+    for image in labels.tolist():
+        first: dict[int, int] = {}
+        renumbered.append([first.setdefault(label, len(first)) for label in image])
+    return torch.tensor(renumbered)
+
+
+def record(fn: Callable[[], object], device: torch.device, times: list[float]) -> None:
+    """Append one call's wall time (synchronised on CUDA) to ``times``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--linkage", default="average", choices=["average", "complete", "single"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives stable numbers on a loaded machine)")
+    args = parser.parse_args()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        parser.exit(2, "error: this benchmark needs scikit-learn (pip install -e '.[test]'), as ATC's reference does\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
+
+    torch.manual_seed(0)
+    width, heads, grid = 384, 6, (14, 14)
+    n = grid[0] * grid[1]
+    k = max(1, math.floor(n * args.keep + 1e-9))
+    block = Block(dim=width, num_heads=heads, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
+    x = torch.randn(args.batch, n + 1, width, device=device)
+    with torch.no_grad():
+        _, features = attention_with_features(block.attn, block.norm1(x), None, frozenset({KEYS}), 1)
+    keys = features[KEYS]
+    patches = x[:, 1:].contiguous()
+    sizes = torch.ones(args.batch, n, device=device)
+    ctx = ReduceContext(sizes=sizes, grid=grid, seed=0, num_prefix=1, layer=0, depth=12, keys=keys)
+    atc, tome = make_operators(["atc", "tome"], {"linkage": args.linkage})
+    tome_k = tome.realise(n, k, grid)
+
+    candidates: dict[str, Callable[[], object]] = {
+        "reference (scikit-learn per image)": lambda: reference_operator(patches, sizes, keys, k, args.linkage),
+        "tpool atc": lambda: atc(patches, k, ctx),
+        "tpool tome": lambda: tome(patches, tome_k, ctx),
+    }
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            for fn in candidates.values():
+                fn()
+        for _ in range(args.repeats):
+            for name, fn in candidates.items():
+                record(fn, device, times[name])
+        same = (canonical(reference_labels(keys, k, args.linkage)) == canonical(atc(patches, k, ctx).assignment)).all(dim=1)
+    med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    spread = {name: (max(values) - min(values)) / statistics.median(values) for name, values in times.items()}
+    ref, ours, matching = med["reference (scikit-learn per image)"], med["tpool atc"], med["tpool tome"]
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"# atc against ATC's reference procedure: one DeiT-S block's keys, {args.batch} images, {n} -> {k} patch tokens, linkage {args.linkage}")
+    print()
+    print(
+        f"device: {gpu or platform.processor() or 'cpu'} ({device.type}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"fp32, median of {args.repeats} interleaved repeats (spread: (max - min) / median)"
+    )
+    print(f"same partition as the reference (up to relabelling): {int(same.sum())} of {args.batch} images")
+    print()
+    print("| operator | ms | spread | / tpool atc | / tpool tome |")
+    print("|---|---|---|---|---|")
+    for name in candidates:
+        print(f"| {name} | {med[name]:.2f} | {spread[name]:.0%} | {med[name] / ours:.2f} | {med[name] / matching:.2f} |")
+    print()
+    print(f"reference / tpool atc: {ref / ours:.2f}x; tpool atc / tpool tome: {ours / matching:.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
