@@ -19,24 +19,23 @@ Needs scikit-learn (in the test extras: ``pip install -e '.[test]'``), as the re
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
-from timm.models.vision_transformer import Block  # noqa: E402
 
 from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operators  # noqa: E402
 from tpool_cli.ops.base import KEYS, ReduceContext  # noqa: E402
+
+from operators import GRID, deit_small_block, timer  # noqa: E402  (benchmarks/operators.py: this script's folder is on the path)
 
 
 def reference_labels(keys: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
@@ -70,17 +69,6 @@ def canonical(labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor(renumbered)
 
 
-def record(fn: Callable[[], object], device: torch.device, times: list[float]) -> None:
-    """Append one call's wall time (synchronised on CUDA) to ``times``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -101,12 +89,8 @@ def main() -> None:
     if device.type == "cpu":
         steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
 
-    torch.manual_seed(0)
-    width, heads, grid = 384, 6, (14, 14)
-    n = grid[0] * grid[1]
-    k = max(1, math.floor(n * args.keep + 1e-9))
-    block = Block(dim=width, num_heads=heads, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
-    x = torch.randn(args.batch, n + 1, width, device=device)
+    block, x, n, k = deit_small_block(args.batch, args.keep, device)
+    grid = GRID
     with torch.no_grad():
         _, features = attention_with_features(block.attn, block.norm1(x), None, frozenset({KEYS}), 1)
     keys = features[KEYS]
@@ -121,6 +105,7 @@ def main() -> None:
         "tpool atc": lambda: atc(patches, k, ctx),
         "tpool tome": lambda: tome(patches, tome_k, ctx),
     }
+    measure = timer(device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -128,7 +113,7 @@ def main() -> None:
                 fn()
         for _ in range(args.repeats):
             for name, fn in candidates.items():
-                record(fn, device, times[name])
+                times[name].append(measure(fn))
         same = (canonical(reference_labels(keys, k, args.linkage)) == canonical(atc(patches, k, ctx).assignment)).all(dim=1)
     med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     spread = {name: (max(values) - min(values)) / statistics.median(values) for name, values in times.items()}

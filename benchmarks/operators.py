@@ -67,6 +67,19 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return measure
 
 
+GRID = (14, 14)  # DeiT-S at 224 px: 196 patch tokens after the class token
+
+
+def deit_small_block(batch: int, keep: float, device: torch.device) -> tuple[Block, torch.Tensor, int, int]:
+    """A DeiT-S-shaped block (width 384, 6 heads, random weights, seed 0), a batch of random
+    tokens (class + 196 patches) and the patch counts n -> k one reduction at ``keep`` gives."""
+    torch.manual_seed(0)
+    n = GRID[0] * GRID[1]
+    k = max(1, math.floor(n * keep + 1e-9))
+    block = Block(dim=384, num_heads=6, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
+    return block, torch.randn(batch, n + 1, 384, device=device), n, k
+
+
 def reducing_block(block: torch.nn.Module, operator: TokenOperator, k: int, grid: tuple[int, int]) -> ReducingBlock:
     """The patch mechanism's own block wrapper, reducing to k patch tokens (index 0: state reset every call)."""
     state = ReductionState(num_prefix=1, initial_grid=grid)
@@ -96,12 +109,9 @@ def main() -> None:
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     repeats = args.repeats or (50 if device.type == "cuda" else 10)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
-    torch.manual_seed(0)
-    width, heads, grid = 384, 6, (14, 14)
-    n = grid[0] * grid[1]
-    k = max(1, math.floor(n * args.keep + 1e-9))
-    block = Block(dim=width, num_heads=heads, mlp_ratio=4.0, qkv_bias=True).to(device).eval()
-    x = torch.randn(args.batch, n + 1, width, device=device)
+    grid = GRID
+    block, x, n, k = deit_small_block(args.batch, args.keep, device)
+    width = x.shape[-1]
     patches = x[:, 1:].contiguous()
 
     with torch.no_grad(), autocast:
