@@ -4,7 +4,8 @@ ATC's reference (JoakimHaurum/ATC, ``ATC_setup/models/atc.py``, ``agglomerative_
 ``merge_wavg``) computes ``1 - cos`` of the keys on the model's device, moves it to the host as
 NumPy and calls ``sklearn.cluster.AgglomerativeClustering(n_clusters=K, metric="precomputed",
 linkage=...)`` once per image, then pools size-weighted. This script re-expresses that procedure
-(``reference_operator``: the same calls in the same order, not the repository's code) and times it,
+(``reference_operator``: the same calls in the same order, not the repository's code; on the patch
+keys alone: the reference's product also has the class token's row and column, sliced off after) and times it,
 tpool's ``atc`` operator and tpool's ``tome`` operator on one DeiT-S block's keys, interleaved in one
 run (every repeat times every candidate once), medians reported with their ratios; it also counts
 the images on which the reference's and tpool's partitions agree (up to relabelling). One
