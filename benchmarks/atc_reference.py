@@ -35,8 +35,9 @@ from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operators  # noqa: E402
 from tpool_cli.ops.base import KEYS, ReduceContext  # noqa: E402
+from tpool_cli.speedflags import machine_load, speed_flag, spread  # noqa: E402
 
-from operators import GRID, deit_small_block, timer  # noqa: E402  (benchmarks/operators.py: this script's folder is on the path)
+from operators import GRID, checked_device, deit_small_block, keep_rate, positive_int, timer  # noqa: E402  (benchmarks/operators.py: this script's folder is on the path)
 
 
 def reference_labels(keys: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
@@ -73,10 +74,10 @@ def canonical(labels: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--keep", type=keep_rate, default=0.7)
     parser.add_argument("--linkage", default="average", choices=["average", "complete", "single"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives stable numbers on a loaded machine)")
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
         parser.exit(2, "error: this benchmark needs scikit-learn (pip install -e '.[test]'), as ATC's reference does\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     if device.type == "cpu":
         steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
 
@@ -117,7 +118,8 @@ def main() -> None:
                 times[name].append(measure(fn))
         same = (canonical(reference_labels(keys, k, args.linkage)) == canonical(atc(patches, k, ctx).assignment)).all(dim=1)
     med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    spread = {name: (max(values) - min(values)) / statistics.median(values) for name, values in times.items()}
+    load = machine_load(device.type, torch.get_num_threads() if device.type == "cpu" else None, device.index or 0)
+    spreads = {name: spread(values) for name, values in times.items()}
     ref, ours, matching = med["reference (scikit-learn per image)"], med["tpool atc"], med["tpool tome"]
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -125,14 +127,16 @@ def main() -> None:
     print()
     print(
         f"device: {gpu or platform.processor() or 'cpu'} ({device.type}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"fp32, median of {args.repeats} interleaved repeats (spread: (max - min) / median)"
+        f"fp32, median of {args.repeats} interleaved repeats (spread: (max - min) / median; flag: tpool's speed flag)"
     )
     print(f"same partition as the reference (up to relabelling): {int(same.sum())} of {args.batch} images")
     print()
-    print("| operator | ms | spread | / tpool atc | / tpool tome |")
-    print("|---|---|---|---|---|")
+    print("| operator | ms | spread | / tpool atc | / tpool tome | flag |")
+    print("|---|---|---|---|---|---|")
     for name in candidates:
-        print(f"| {name} | {med[name]:.2f} | {spread[name]:.0%} | {med[name] / ours:.2f} | {med[name] / matching:.2f} |")
+        shown = "-" if spreads[name] is None else f"{spreads[name]:.0%}"
+        flag = speed_flag(spreads[name], load) or ""
+        print(f"| {name} | {med[name]:.2f} | {shown} | {med[name] / ours:.2f} | {med[name] / matching:.2f} | {flag} |")
     print()
     print(f"reference / tpool atc: {ref / ours:.2f}x; tpool atc / tpool tome: {ours / matching:.2f}x")
 

@@ -37,8 +37,10 @@ from timm.models.vision_transformer import Block  # noqa: E402
 from tpool_cli.adapters.timm_vit import attention_with_features  # noqa: E402
 from tpool_cli.device import steady_host_allocator  # noqa: E402
 from tpool_cli.ops import make_operators, operator_names  # noqa: E402
+from tpool_cli.errors import TpoolError  # noqa: E402
 from tpool_cli.ops.base import FEATURES, ReduceContext, Reduction, TokenOperator  # noqa: E402
 from tpool_cli.patch import Reducer, ReducingBlock, ReductionState  # noqa: E402
+from tpool_cli.schedule import Schedule  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,34 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 GRID = (14, 14)  # DeiT-S at 224 px: 196 patch tokens after the class token
 
 
+def keep_rate(text: str) -> float:
+    """argparse type: a keep rate, checked by the CLI's own rule (``Schedule``: in (0, 1])."""
+    try:
+        value = float(text)
+        Schedule(keep=value)
+    except (ValueError, TpoolError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a repeat count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The device asked for, or one argparse error line when it is CUDA on a machine without it."""
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
 def deit_small_block(batch: int, keep: float, device: torch.device) -> tuple[Block, torch.Tensor, int, int]:
     """A DeiT-S-shaped block (width 384, 6 heads, random weights, seed 0), a batch of random
     tokens (class + 196 patches) and the patch counts n -> k one reduction at ``keep`` gives."""
@@ -89,21 +119,21 @@ def reducing_block(block: torch.nn.Module, operator: TokenOperator, k: int, grid
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--keep", type=keep_rate, default=0.7)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--features", default=None, choices=["tokens", "keys"], help="clustering features (default: tokens)")
     parser.add_argument("--init", default=None, choices=["significance", "farthest"], help="clustering seeds (default: significance)")
     parser.add_argument("--ops", default=",".join(n for n in operator_names() if n != "none"))
     parser.add_argument("--amp", default=None, choices=["bf16", "none"], help="default: bf16 on cuda, none on cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 on cpu, 50 on cuda)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default 10 on cpu, 50 on cuda)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 gives stable numbers on a loaded machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     if device.type == "cpu":
         steady_host_allocator()  # CPU timings independent of malloc's history (tpool_cli/device.py)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
@@ -127,9 +157,12 @@ def main() -> None:
     names = [name for name in args.ops.split(",") if name]
     from tpool_cli.ops import option_types
 
-    known = {key for name in names for key in option_types(name)}
-    clustering = {k: v for k, v in dict(iters=args.iters, features=args.features, init=args.init).items() if k in known}
-    ops = make_operators(names, clustering)
+    try:
+        known = {key for name in names for key in option_types(name)}
+        clustering = {k: v for k, v in dict(iters=args.iters, features=args.features, init=args.init).items() if k in known}
+        ops = make_operators(names, clustering)
+    except TpoolError as exc:  # an unknown operator or option value: the CLI's own message
+        parser.error(str(exc))
     realised = {}
     for op in ops:
         needs = op.needs()
