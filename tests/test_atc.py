@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -162,6 +164,29 @@ def test_compiles_as_one_graph():
     torch._dynamo.reset()
     for g, want in zip(got, reduce(x, keys, sizes)):
         assert torch.equal(g, want)
+
+
+def _full_matrix_loops(k: int, b: int = 2, n: int = 12) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Inductor's C++ for ``sequential_labels`` to k clusters: how many of its loops run over a whole
+    B x W x W matrix or more (N = 12 is whole blocks of 3, so W = N), its labels and eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    dist = cosine_distances(torch.randn(b, n, 8, generator=torch.Generator().manual_seed(5)))
+    torch._dynamo.reset()
+    labels, code = run_and_get_code(torch.compile(lambda d: sequential_labels(d, k, "average"), fullgraph=True), dist)
+    torch._dynamo.reset()
+    extents = [int(e) for e in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
+    return sum(e >= b * n * n for e in extents), labels, sequential_labels(dist, k, "average")
+
+
+def test_compiled_merge_steps_do_no_whole_matrix_pass():
+    """Inductor must update the matrix in place: a step touches O(N sqrt(N)) entries. Written
+    through views of one shared buffer, the generated code copied the whole matrix (and its block
+    minima) at every step: compiled atc was 5-9x slower than eager on the CPU (docs/benchmarks.md)."""
+    few, few_labels, few_eager = _full_matrix_loops(k=10)  # 2 merge steps
+    more, more_labels, more_eager = _full_matrix_loops(k=7)  # 5
+    assert torch.equal(few_labels, few_eager) and torch.equal(more_labels, more_eager)
+    assert few == more, f"whole-matrix loops grow with the merge steps: {few} for 2 steps, {more} for 5"
 
 
 def _closest_pair_greedy(dist: torch.Tensor, k: int, linkage: str, pick) -> list[int] | None:

@@ -288,43 +288,36 @@ def sequential_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
     recomputes the two row blocks holding i and j (one contiguous gather) and writes columns i
     and j of ``blockmin`` from the merged row: O(N sqrt(N)) per step, exact for any linkage.
 
-    Everything is indexed by flat ids ``b * W + index`` (W: N padded to whole blocks), the matrix
-    and its block minima share one buffer (one ``put_`` writes both columns), and the parent
-    pointers are written once after the loop (an absorbed cluster's row and column are +inf, so
-    it is never picked again: each id is absorbed at most once). A step is about twenty batched
-    ops; at small batches their fixed cost, not the arithmetic, is most of its time.
+    Everything is indexed by flat ids ``b * W + index`` (W: N padded to whole blocks), and the
+    parent pointers are written once after the loop (an absorbed cluster's row and column are
+    +inf, so it is never picked again: each id is absorbed at most once). Inside the loop every
+    write is an ``index_put_`` on a flat base tensor (the matrix, the block minima, the counts),
+    never through a view: inductor then updates them in place, where writes through views of a
+    shared buffer made it copy the whole matrix and its minima every step (O(N^2) a step: the
+    compiled operator took 5-9x eager's time on the CPU, now 0.83-1.16x; docs/benchmarks.md). A step is about twenty
+    batched ops; eager, at small batches, their fixed cost is most of its time.
     """
     b, n, _ = dist.shape
     dev, dtype = dist.device, dist.dtype
     g = max(1, math.isqrt(max(1, (n - 1) // 2)) + 1)  # block width ~ sqrt(N / 2): a step reads 2 g + N / g rows
     blocks = -(-n // g)
     w = blocks * g  # rows and columns padded with +inf up to whole blocks
-    # one buffer for the matrix and its block minima, so that one put_ writes a step's changes to both
-    store = torch.full((b * w * w + b * blocks * w,), math.inf, dtype=dtype, device=dev)
-    d = store[: b * w * w].view(b, w, w)
+    d = torch.full((b, w, w), math.inf, dtype=dtype, device=dev)
     d[:, :n, :n] = dist
     d.diagonal(dim1=1, dim2=2).fill_(math.inf)
-    rows_of = d.view(b * w, w)
-    row_blocks = d.view(b * blocks, g * w)
-    blockmin = store[b * w * w :].view(b, blocks, w)  # [b, blk, c]: min of column c over the block's rows
-    blockmin.copy_(d.view(b, blocks, g, w).amin(dim=2))
-    blockmin_rows = blockmin.view(b * blocks, w)
-    count = torch.ones(b * w, 1, dtype=dtype, device=dev)
+    matrix = d.view(-1)  # B*W*W: row r of image b at (b * W + r) * W
+    blockmin = d.view(b, blocks, g, w).amin(dim=2).reshape(-1)  # B*blocks*W: [b, blk, c] = min of column c over the block's rows
+    count = torch.ones(b * w, dtype=dtype, device=dev)
     base = torch.arange(b, device=dev) * w
-    image = torch.arange(b, device=dev).unsqueeze(1)
-    # where a step writes columns, per flat id f = b * w + c of the merged (absorbed) cluster c:
-    # column c of d (b * w * w + row * w + c) and of blockmin (after d in the store)
-    columns = torch.cat(
-        [
-            image * (w * w - w) + torch.arange(w, device=dev) * w,
-            b * w * w + image * (blocks * w - w) + torch.arange(blocks, device=dev) * w,
-        ],
-        dim=1,
-    ).unsqueeze(1)  # B x 1 x (W + blocks)
+    col = torch.arange(w, device=dev)
+    image = torch.arange(b, device=dev).view(b, 1, 1)
+    matrix_column = image * (w * w) + col.view(1, 1, w) * w  # + c: column c of an image's matrix (B x 1 x W)
+    blockmin_column = image * (blocks * w) + torch.arange(blocks, device=dev).view(1, 1, blocks) * w  # + c: of its block minima
     dead = torch.full((b, 1, w), math.inf, dtype=dtype, device=dev)
     absorbed: list[torch.Tensor] = []
     for _ in range(n - k):
-        flat_i = blockmin.amin(dim=1).argmin(dim=1) + base  # first row holding the minimum: i < j
+        rows_of = matrix.view(b * w, w)  # read-only views, taken afresh each step
+        flat_i = blockmin.view(b, blocks, w).amin(dim=1).argmin(dim=1) + base  # first row holding the minimum: i < j
         flat_j = rows_of.index_select(0, flat_i).argmin(dim=1) + base
         flat_ij = torch.stack([flat_i, flat_j], dim=1)  # B x 2
         rows = rows_of.index_select(0, flat_ij.view(-1)).view(b, 2, w)
@@ -333,14 +326,16 @@ def sequential_labels(dist: torch.Tensor, k: int, linkage: str = "average") -> t
         merged = _lance_williams(rows[:, :1], rows[:, 1:], *counts, linkage)  # B x 1 x W
         if linkage == "single":  # min(d_ij, inf) at i and j: they are not its neighbours
             merged.scatter_(2, (flat_ij - base.unsqueeze(1)).unsqueeze(1), math.inf)
-        out = torch.cat([merged, dead], dim=1)  # the new rows (and, by symmetry, columns) i and j
-        rows_of.index_copy_(0, flat_ij.view(-1), out.view(2 * b, w))
-        # columns i, j of d and of blockmin, in one write
-        store.put_(columns + flat_ij.unsqueeze(2), torch.cat([out, out.view(b, 2, blocks, g).amin(dim=-1)], dim=2))
+        out = torch.cat([merged, dead], dim=1).reshape(-1)  # the new rows (and, by symmetry, columns) i and j
+        ij = (flat_ij - base.unsqueeze(1)).unsqueeze(2)  # B x 2 x 1: i and j within the image
+        matrix.index_put_(((flat_ij.unsqueeze(2) * w + col).view(-1),), out)  # rows i, j
+        matrix.index_put_(((matrix_column + ij).view(-1),), out)  # columns i, j
+        blockmin.index_put_(((blockmin_column + ij).view(-1),), out.view(b, 2, blocks, g).amin(dim=-1).reshape(-1))
         changed = flat_ij.view(-1) // g  # b * blocks + the row block of i (of j)
-        blockmin_rows.index_copy_(0, changed, row_blocks.index_select(0, changed).view(2 * b, g, w).amin(dim=1))
+        refreshed = matrix.view(b * blocks, g * w).index_select(0, changed).view(2 * b, g, w).amin(dim=1)
+        blockmin.index_put_(((changed.unsqueeze(1) * w + col).view(-1),), refreshed.view(-1))
         if linkage == "average":
-            count.index_copy_(0, flat_i, pair_counts.sum(dim=1))
+            count.index_put_((flat_i,), pair_counts.sum(dim=1).view(-1))
         absorbed.append(flat_ij)
     parent = torch.arange(b * w, device=dev)
     if absorbed:  # every cluster is absorbed once, so the parent pointers can be written after the loop
