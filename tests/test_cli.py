@@ -111,6 +111,45 @@ def test_op_opt_and_aliases_take_the_same_path():
     assert [op.label() for op in by_opt] == ["topk(score=received)", "kmeans(iters=3)"]
 
 
+_COMMAND_HEADS = {  # what each command needs before its operator options (visualize: an image and a model)
+    "profile": ["profile"], "evaluate": ["evaluate"], "pareto": ["pareto"], "bench": ["bench"], "recon": ["recon"],
+    "finetune": ["finetune"], "visualize": ["visualize", "x.png", "--model", "deit_tiny_patch16_224"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(_COMMAND_HEADS))
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--op", "atc", "--linkage", "ward"], "atc: linkage must be one of average, complete, single, got 'ward'"),
+        (["--op", "dpcknn", "--knn", "0"], "dpcknn: knn must be >= 1, got 0"),
+        (["--op", "atc", "--linkage", "single", "--op-opt", "linkage=complete"], "linkage given twice"),
+        (["--op", "tome", "--knn", "3"], "no operator of tome has an option 'knn'"),
+    ],
+)
+def test_linkage_and_knn_flags_reach_the_operator_in_every_command(command, flags, message, capsys):
+    """--linkage (atc) and --knn (dpcknn), the flags issue 13 names, are --op-opt aliases in every command."""
+    code, out, err = _main(_COMMAND_HEADS[command] + flags, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_linkage_and_knn_flags_build_the_operators_op_opt_builds():
+    from tpool_cli.cli_options import op_options
+    from tpool_cli.ops import make_operators
+
+    by_flag = make_operators(["atc", "dpcknn"], op_options(None, linkage="complete", knn=3))
+    by_opt = make_operators(["atc", "dpcknn"], op_options(["linkage=complete", "knn=3"]))
+    assert by_flag == by_opt
+    assert [op.label() for op in by_flag] == ["atc(linkage=complete)", "dpcknn(knn=3)"]
+
+
+def test_linkage_flag_runs_on_the_demo(capsys):
+    code, out, err = _main(["evaluate", "--op", "atc", "--linkage", "single", "--keep", "0.5", "--limit", "8", "-f", "json"], capsys)
+    result = json.loads(out)
+    assert code in (0, None) and result["op"] == "atc(linkage=single)" and result["op_options"] == {"linkage": "single"}
+
+
 def test_every_dataclass_field_is_an_op_opt():
     """A new option needs no CLI edit: every field of every operator parses from text."""
     from dataclasses import fields

@@ -42,11 +42,13 @@ OpOptOpt = Annotated[
     Optional[list[str]],
     typer.Option("--op-opt", metavar="KEY=VALUE", help="Operator option (repeatable), e.g. iters=3; `tpool ops` lists each operator's options."),
 ]
-# Named aliases of common --op-opt keys, kept for existing scripts.
+# Named aliases of common --op-opt keys (the ones the papers' and issues' commands name).
 ScoreOpt = Annotated[Optional[str], typer.Option("--score", help="= --op-opt score=...: topk score, cls (class attention) or received (PoWER-BERT).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="= --op-opt iters=...: clustering iterations (kmeans/kmedoids and weighted variants).")]
 InitOpt = Annotated[Optional[str], typer.Option("--init", help="= --op-opt init=...: clustering initialisation, significance (top-K) or farthest.")]
 FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="= --op-opt features=...: what clustering compares, tokens or keys.")]
+LinkageOpt = Annotated[Optional[str], typer.Option("--linkage", help="= --op-opt linkage=...: atc's cluster distance, average (default), complete or single.")]
+KnnOpt = Annotated[Optional[int], typer.Option("--knn", help="= --op-opt knn=...: dpcknn's neighbours for the density (default 5).")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, json or csv (data on stdout).")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write JSON/CSV here (by suffix).")]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..cli_options import (
-    AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
+    AmpOpt, CompileOpt, DeviceOpt, FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, ThreadsOpt, TokensOpt, op_options, parse_schedule_args, split_names,
 )
 from ..output import check_format, emit, make_table, stderr, token_path
@@ -42,6 +42,8 @@ def bench(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -78,7 +80,7 @@ def bench(
         repeats=repeats,
     )
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         from ..ops import make_operator

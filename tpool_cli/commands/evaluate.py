@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from ..cli_options import (
-    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
     ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
@@ -33,6 +33,8 @@ def evaluate(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
@@ -68,7 +70,7 @@ def evaluate(
         raise TpoolError(f"evaluate runs one keep rate, got {keep}; `tpool pareto --keep` sweeps several")
     if rs is not None and len(rs) > 1:
         raise TpoolError(f"evaluate runs one schedule, got {len(rs)} --r schedules; `tpool pareto --r` sweeps several")
-    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(op_opt, score=score, iters=iters, init=init, features=features))
+    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn))
     work = resolve_workload(model, data, class_map, "evaluate")
     announce(work)
     model = work.model

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..cli_options import (
-    AmpOpt, ClassMapOpt, CompileOpt, DataModelOpt, DeviceOpt, FeaturesOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt,
+    AmpOpt, ClassMapOpt, CompileOpt, DataModelOpt, DeviceOpt, FeaturesOpt, KnnOpt, LinkageOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt,
     OpOptOpt, OpsOpt, PropAttnOpt, ROpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -34,6 +34,8 @@ def finetune(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of fine-tuning.")] = 5,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (AdamW, cosine; default 1e-4, the demo 5e-4).")] = None,
@@ -72,7 +74,7 @@ def finetune(
         raise TpoolError(f"finetune trains one schedule, got --keep {keep}")
     if rs is not None and len(rs) > 1:
         raise TpoolError(f"finetune trains one schedule, got {len(rs)} --r schedules")
-    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(op_opt, score=score, iters=iters, init=init, features=features))
+    configs = build_configs(names, keeps, layer_list, token_list, rs, **op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn))
     if not configs:
         raise TpoolError("the baseline (op none) reduces no token: nothing to fine-tune for")
     demo = data is None

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..cli_options import (
     FailBelowOpt,
-    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
+    AmpOpt, BatchSizeOpt, ClassMapOpt, CompileOpt, DataOpt, DeviceOpt, FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt,
     ItersOpt, KeepOpt, LayersOpt, LimitOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt,
     ThreadsOpt, TokensOpt, WeightsOpt, WorkersOpt, op_options, parse_schedule_args, split_names,
 )
@@ -55,6 +55,8 @@ def pareto(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     out: OutDirOpt = Path("runs/pareto"),
     batch_size: BatchSizeOpt = 64,
@@ -111,7 +113,7 @@ def pareto(
     )
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=None, r=r, sweep=True)
     names = split_names(ops)
-    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn)
     from ..ops import make_operators
 
     make_operators(names, options)  # an option no selected operator has fails here, before the demo is announced

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..cli_options import (
-    FeaturesOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
+    FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, FormatOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, ModelOpt, OpsOpt, OutputOpt,
     PropAttnOpt, ROpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -28,6 +28,8 @@ def profile(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -43,7 +45,7 @@ def profile(
     if counter not in PROFILE_COUNTERS:
         raise TpoolError(f"unknown --counter {counter!r}; choose from {', '.join(PROFILE_COUNTERS)}")
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     # FLOPs do not depend on the weights: without --weights the model is built without any
     loaded = load_model(model, weights=weights, random_init=weights is None, img_size=img_size)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..cli_options import (
-    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, OpOptOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
+    BatchSizeOpt, DataOpt, DeviceOpt, FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, FormatOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt,
     OpsOpt, OutputOpt, PropAttnOpt, ROpt, RandomInitOpt, ScoreOpt, SeedOpt, TokensOpt, WeightsOpt, op_options,
     parse_schedule_args, split_names,
 )
@@ -30,6 +30,8 @@ def recon(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     data: DataOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Use the first N images (sorted paths).")] = 16,
@@ -46,7 +48,7 @@ def recon(
 
     check_format(fmt)
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, r=r, sweep=True)
-    options = op_options(op_opt, score=score, iters=iters, init=init, features=features)
+    options = op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn)
     configs = build_configs(split_names(op), keeps, layer_list, token_list, rs, **options)
     if not configs:
         raise TpoolError("no reducing operator given (--op none reduces nothing)")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..cli_options import (
-    FeaturesOpt, OpOptOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt,
+    FeaturesOpt, KnnOpt, LinkageOpt, OpOptOpt, ImgSizeOpt, InitOpt, ItersOpt, KeepOpt, LayersOpt, DataModelOpt, OpsOpt, OutDirOpt, PropAttnOpt, ROpt,
     RandomInitOpt, ScoreOpt, TokensOpt, WeightsOpt, op_options, parse_schedule_args, split_names,
 )
 from ..errors import TpoolError
@@ -36,6 +36,8 @@ def visualize(
     iters: ItersOpt = None,
     init: InitOpt = None,
     features: FeaturesOpt = None,
+    linkage: LinkageOpt = None,
+    knn: KnnOpt = None,
     op_opt: OpOptOpt = None,
     out: OutDirOpt = Path("tpool-visualize"),
     grid: Annotated[bool, typer.Option("--grid", help="One figure per image: a row per operator, a column per layer.")] = False,
@@ -64,7 +66,7 @@ def visualize(
     names = split_names(op)
     if not names:
         raise TpoolError("--ops is empty")
-    operators = make_operators(names, op_options(op_opt, score=score, iters=iters, init=init, features=features))
+    operators = make_operators(names, op_options(op_opt, score=score, iters=iters, init=init, features=features, linkage=linkage, knn=knn))
     keeps, layer_list, token_list, rs = parse_schedule_args(keep, layers, tokens, default_keep=0.5, r=r, sweep=False)
     if keeps is not None and len(keeps) > 1:
         raise TpoolError(f"visualize draws one schedule: give one --keep rate, got {len(keeps)}")
