@@ -42,7 +42,7 @@ OpOptOpt = Annotated[
     Optional[list[str]],
     typer.Option("--op-opt", metavar="KEY=VALUE", help="Operator option (repeatable), e.g. iters=3; `tpool ops` lists each operator's options."),
 ]
-# Named aliases of common --op-opt keys (the ones the papers' and issues' commands name).
+# Named aliases of the --op-opt keys users type most (the papers' own option names); --op-opt reaches every field.
 ScoreOpt = Annotated[Optional[str], typer.Option("--score", help="= --op-opt score=...: topk score, cls (class attention) or received (PoWER-BERT).")]
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", help="= --op-opt iters=...: clustering iterations (kmeans/kmedoids and weighted variants).")]
 InitOpt = Annotated[Optional[str], typer.Option("--init", help="= --op-opt init=...: clustering initialisation, significance (top-K) or farthest.")]
