@@ -6,7 +6,7 @@ every number here is in MACs, labelled GMACs. Two counters give the same table:
 * ``fvcore`` (the default): traces the model with ``torch.jit`` and counts per traced op. fvcore
   misses some ops we add handles for: ``aten::scaled_dot_product_attention`` (timm's fused
   attention, QK^T + AV = B*H*Nq*Nk*(Dqk + Dv) MACs), the scatter/index-adds that pool tokens (one
-  add per source element), ``cdist``, ``linalg_vecdot`` (row-wise dot products) and ``baddbmm``
+  add per source element), ``cdist``, ``linalg_vecdot`` (row-wise dot products), ``linalg_vector_norm`` and ``baddbmm``
   (the fused distance matmul of the clustering assignment step).
 * ``torch``: ``torch.utils.flop_counter.FlopCounterMode`` at the dispatcher, completed by
   :mod:`tpool_cli.flops_torch` with formulas for what it misses.
@@ -70,6 +70,12 @@ def _vecdot_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(torch.broadcast_shapes(tuple(_get_shape(inputs[0])), tuple(_get_shape(inputs[1]))))
 
 
+def _vector_norm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    # linalg_vector_norm(x, ord, dim): one per input element, the 2-norm's square-and-add, so that a
+    # norm taken with F.normalize costs what the same norm taken with vecdot(x, x) costs
+    return math.prod(_get_shape(inputs[0]))
+
+
 EXTRA_HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_macs,
     "aten::scatter_add": _source_numel_macs,
@@ -79,6 +85,7 @@ EXTRA_HANDLES = {
     "aten::_cdist_forward": _cdist_macs,
     "aten::cdist": _cdist_macs,
     "aten::linalg_vecdot": _vecdot_macs,
+    "aten::linalg_vector_norm": _vector_norm_macs,
     "aten::baddbmm": _baddbmm_macs,
 }
 

@@ -11,6 +11,7 @@ run (DeiT-S reads 4.2412 GMACs instead of 4.6083). Formulas added here, all in t
   cudnn CUDA kernels are in torch's registry with the same formula);
 * layer norms (``aten.native_layer_norm``): fvcore's 5 per element (4 without affine);
 * the scatter/index-adds operators pool tokens with: one add per source element;
+* ``aten.linalg_vector_norm``: one multiply-add per input element (as ``vecdot(x, x)``);
 * ``aten._cdist_forward``: N x M x D; ``torch.linalg.vecdot``: one multiply-add per element of the
   broadcast inputs. vecdot is a composite op that reaches the dispatcher as an elementwise
   multiply and a sum, so it is caught one level up, by a ``TorchFunctionMode``.
@@ -51,6 +52,10 @@ def _cdist_flops(x1_shape, x2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(x1_shape) * x2_shape[-2]
 
 
+def _vector_norm_flops(self_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(self_shape)
+
+
 # Kernels torch's registry misses, with the formula that fvcore's handles use (x 2: FLOPs).
 TORCH_FORMULAS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
@@ -60,6 +65,7 @@ TORCH_FORMULAS: dict[Any, Callable[..., int]] = {
     aten.index_add: _source_flops,
     aten.index_add_: _source_flops,
     aten._cdist_forward: _cdist_flops,
+    aten.linalg_vector_norm: _vector_norm_flops,
 }
 if hasattr(aten, "_scaled_dot_product_fused_attention_overrideable"):
     TORCH_FORMULAS[aten._scaled_dot_product_fused_attention_overrideable] = _sdpa_flops
