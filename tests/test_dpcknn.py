@@ -31,7 +31,8 @@ def test_density_and_distance_match_a_hand_computation():
     torch.testing.assert_close(delta[0], torch.tensor(want_delta))
     # the noise (< 1e-6) changes nothing here
     noisy_rho, noisy_delta = density_and_distance(token_distances(LINE), 3, torch.full((1, 6), 5e-7))
-    torch.testing.assert_close(noisy_rho, rho + 5e-7) and torch.testing.assert_close(noisy_delta, delta)
+    torch.testing.assert_close(noisy_rho, rho + 5e-7)
+    torch.testing.assert_close(noisy_delta, delta)
 
 
 def test_centres_by_density_times_distance_and_nearest_centre_assignment():

@@ -10,6 +10,7 @@ from tpool_cli.cli import main
 from tpool_cli.cli_options import parse_schedule_args
 from tpool_cli.errors import TpoolError
 from tpool_cli.evaluate import model_config
+from tpool_cli.ops import operator_names
 from tpool_cli.patch import capped_blocks, patch, planned_counts
 from tpool_cli.schedule import Schedule, parse_r
 from tpool_cli.sweep import plan_points, point_key
@@ -64,7 +65,7 @@ def test_parse_r_sweeps_or_lists_per_block():
         parse_schedule_args(None, "1,2", None, r="8")
 
 
-@pytest.mark.parametrize("op", ["tome", "topk", "evit"])
+@pytest.mark.parametrize("op", [name for name in operator_names() if name != "none"])
 def test_r_zero_is_the_identity_bit_exact(op, images):
     model = tiny_vit()
     with torch.no_grad():

@@ -29,7 +29,7 @@ TokensOpt = Annotated[Optional[str], typer.Option("--tokens", help="Patch-token 
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Input resolution (default: the model's).")]
 PropAttnOpt = Annotated[
     Optional[bool],
-    typer.Option("--prop-attn/--no-prop-attn", help="Add log(token size) to attention logits (ToMe's proportional attention); default: the operator's reference setting (on for tome, off for the others).", show_default=False),
+    typer.Option("--prop-attn/--no-prop-attn", help="Add log(token size) to attention logits (ToMe's proportional attention); default: the operator's reference setting (on for tome, atc and mctf, off for the others).", show_default=False),
 ]
 ROpt = Annotated[
     Optional[str],
